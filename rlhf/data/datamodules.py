@@ -1,0 +1,311 @@
+"""One LightningDataModule layer for the three stages.
+
+:class:`RLHFDataModule` owns everything the stages share: reading sources, the deterministic
+train/validation split, tokenization through :class:`PromptFormatter`, truncation and the
+dataloaders. A stage's data module only says which record kind it reads, how one unit of data is
+encoded and which collator pads a batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Sequence
+from typing import Any, ClassVar, Literal
+
+import lightning as L
+from torch.utils.data import DataLoader
+
+from rlhf.data.collate import DemonstrationCollator, PreferenceCollator, PromptCollator
+from rlhf.data.records import Comparison, Conversation, Demonstration, PromptRecord, Ranking
+from rlhf.data.sources import DataSource, load_records
+from rlhf.data.tokenization import PromptFormatter, truncate_pair
+
+log = logging.getLogger("rlhf.data")
+
+
+class ListDataset:
+    """A map-style dataset over a list of encoded items."""
+
+    def __init__(self, items: list[dict[str, Any]]) -> None:
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.items[index]
+
+
+def deterministic_split(n: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Indices of the train and validation parts of ``n`` units; the same for the same seed."""
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    n_val = int(round(n * val_fraction))
+    if val_fraction > 0 and n > 1:
+        n_val = max(1, n_val)
+    return sorted(order[n_val:]), sorted(order[:n_val])
+
+
+class RLHFDataModule(L.LightningDataModule):
+    """Shared base: sources -> records -> units -> token ids -> padded batches.
+
+    Args:
+        train: one source or a list of sources for training data.
+        val: sources for validation; when ``None``, ``val_fraction`` of ``train`` is held out.
+        val_fraction: fraction of training units held out when ``val`` is not given.
+        split_seed: seed of the train/validation split (independent of the training seed).
+        tokenizer: tokenizer path or Hub id; ``None`` takes the model's (``module.tokenizer``).
+        max_length: longest prompt+response in tokens.
+        max_prompt_length: prompts are left-truncated to this many tokens.
+        batch_size: training units per batch (demonstrations, preference groups or prompts).
+        eval_batch_size: validation batch size (defaults to ``batch_size``).
+        num_workers: dataloader worker processes.
+        on_bad_row: ``"error"`` stops at the first bad row; ``"skip"`` skips and counts them.
+        use_chat_template: ``None`` uses the tokenizer's chat template when it has one.
+        system_prompt: optional system turn for every prompt.
+        pad_to_multiple_of: pad batch length to a multiple of this (8 helps tensor cores).
+    """
+
+    record_kind: ClassVar[str]
+
+    def __init__(
+        self,
+        train: DataSource | list[DataSource],
+        val: DataSource | list[DataSource] | None = None,
+        val_fraction: float = 0.05,
+        split_seed: int = 0,
+        tokenizer: str | None = None,
+        max_length: int = 512,
+        max_prompt_length: int = 256,
+        batch_size: int = 8,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        on_bad_row: Literal["error", "skip"] = "error",
+        use_chat_template: bool | None = None,
+        system_prompt: str | None = None,
+        pad_to_multiple_of: int = 1,
+    ) -> None:
+        super().__init__()
+        if max_prompt_length >= max_length:
+            raise ValueError(
+                f"max_prompt_length ({max_prompt_length}) must be smaller than "
+                f"max_length ({max_length})"
+            )
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        deterministic_split(0, val_fraction, split_seed)  # validates val_fraction early
+        self.train_sources = self._as_list(train)
+        self.val_sources = self._as_list(val) if val is not None else []
+        self.val_fraction = val_fraction
+        self.split_seed = split_seed
+        self.tokenizer_name = tokenizer
+        self.max_length = max_length
+        self.max_prompt_length = max_prompt_length
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.on_bad_row = on_bad_row
+        self.use_chat_template = use_chat_template
+        self.system_prompt = system_prompt
+        self.pad_to_multiple_of = pad_to_multiple_of
+        self.tokenizer = None
+        self.formatter: PromptFormatter | None = None
+        self.train_units: list[Any] = []
+        self.val_units: list[Any] = []
+        self.train_dataset: ListDataset | None = None
+        self.val_dataset: ListDataset | None = None
+        self.stats: dict[str, int] = {}
+
+    @staticmethod
+    def _as_list(sources: DataSource | Sequence[DataSource]) -> list[DataSource]:
+        return [sources] if isinstance(sources, DataSource) else list(sources)
+
+    # -- what a stage defines ------------------------------------------------------------
+    def units(self, records: list[Any]) -> list[Any]:
+        """Group records into the units a batch is made of (default: one record each)."""
+        return records
+
+    def encode(self, unit: Any, index: int) -> dict[str, Any] | None:
+        """Token ids for one unit, or ``None`` to drop it (e.g. nothing left after truncation)."""
+        raise NotImplementedError
+
+    def collator(self) -> Any:
+        """The callable that pads a list of encoded units into a batch."""
+        raise NotImplementedError
+
+    # -- shared machinery ----------------------------------------------------------------
+    def _resolve_tokenizer(self) -> None:
+        if self.tokenizer is not None:
+            return
+        if self.tokenizer_name is not None:
+            from rlhf.models.loading import load_tokenizer
+
+            self.tokenizer = load_tokenizer(self.tokenizer_name)
+        else:
+            module = self.trainer.lightning_module if self._trainer is not None else None
+            self.tokenizer = getattr(module, "tokenizer", None)
+            if self.tokenizer is None:
+                raise ValueError(
+                    "no tokenizer: set data.init_args.tokenizer or use a module with .tokenizer"
+                )
+        self.formatter = PromptFormatter(self.tokenizer, self.use_chat_template, self.system_prompt)
+
+    def _load(self, sources: list[DataSource]) -> list[Any]:
+        records: list[Any] = []
+        for source in sources:
+            result = load_records(source, self.record_kind, on_bad_row=self.on_bad_row)
+            records.extend(result.records)
+            self.stats["skipped_rows"] = self.stats.get("skipped_rows", 0) + result.skipped.total
+            if result.skipped.total:
+                log.warning(result.skipped.summary())
+        return records
+
+    def _encode_all(self, units: list[Any]) -> list[dict[str, Any]]:
+        items = []
+        for index, unit in enumerate(units):
+            item = self.encode(unit, index)
+            if item is None:
+                self.stats["dropped_units"] = self.stats.get("dropped_units", 0) + 1
+            else:
+                items.append(item)
+        return items
+
+    def setup(self, stage: str | None = None) -> None:
+        """Load, split and tokenize once (idempotent)."""
+        if self.train_dataset is not None:
+            return
+        self._resolve_tokenizer()
+        units = self.units(self._load(self.train_sources))
+        if self.val_sources:
+            self.train_units, self.val_units = units, self.units(self._load(self.val_sources))
+        else:
+            train_idx, val_idx = deterministic_split(len(units), self.val_fraction, self.split_seed)
+            self.train_units = [units[i] for i in train_idx]
+            self.val_units = [units[i] for i in val_idx]
+        if not self.train_units:
+            raise ValueError(f"no training data left in {[s.path for s in self.train_sources]}")
+        self.train_dataset = ListDataset(self._encode_all(self.train_units))
+        self.val_dataset = ListDataset(self._encode_all(self.val_units))
+        self.stats.update(train_units=len(self.train_dataset), val_units=len(self.val_dataset))
+        log.info("data: %s", self.stats)
+        if self._trainer is not None:
+            for logger in self.trainer.loggers:
+                logger.log_hyperparams({f"data/{k}": v for k, v in self.stats.items()})
+
+    def _loader(self, dataset: ListDataset, batch_size: int, shuffle: bool) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            collate_fn=self.collator(),
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_dataset, self.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader | list:
+        if not self.val_dataset:
+            return []
+        return self._loader(self.val_dataset, self.eval_batch_size, shuffle=False)
+
+    def pair_ids(self, prompt: Conversation, response: str) -> tuple[list[int], list[int]]:
+        """Prompt and response ids for one pair, truncated to the configured lengths."""
+        pair = truncate_pair(
+            self.formatter.prompt_ids(prompt),
+            self.formatter.response_ids(prompt, response),
+            self.max_length,
+            self.max_prompt_length,
+        )
+        return pair.prompt_ids, pair.response_ids
+
+
+class DemonstrationDataModule(RLHFDataModule):
+    """Prompt/response demonstrations for SFT. Batch: see :class:`DemonstrationCollator`."""
+
+    record_kind = "demonstration"
+
+    def encode(self, unit: Demonstration, index: int) -> dict[str, Any] | None:
+        prompt_ids, response_ids = self.pair_ids(unit.prompt, unit.response)
+        return {"prompt_ids": prompt_ids, "response_ids": response_ids} if response_ids else None
+
+    def collator(self) -> DemonstrationCollator:
+        return DemonstrationCollator(self.tokenizer.pad_token_id, self.pad_to_multiple_of)
+
+
+class PreferenceGroup:
+    """All comparisons of one prompt: its distinct completions and ``(better, worse)`` pairs."""
+
+    def __init__(self, prompt: Conversation) -> None:
+        self.prompt = prompt
+        self.completions: list[str] = []
+        self.pairs: list[tuple[int, int]] = []
+        self.margins: list[float] = []
+
+    def _slot(self, completion: str) -> int:
+        if completion not in self.completions:
+            self.completions.append(completion)
+        return self.completions.index(completion)
+
+    def add(self, better: str, worse: str, margin: float | None = None) -> None:
+        self.pairs.append((self._slot(better), self._slot(worse)))
+        self.margins.append(0.0 if margin is None else float(margin))
+
+
+def group_preferences(records: list[Comparison | Ranking]) -> list[PreferenceGroup]:
+    """Group comparisons and rankings by prompt, in order of first appearance."""
+    groups: dict[Conversation, PreferenceGroup] = {}
+    for record in records:
+        group = groups.setdefault(record.prompt, PreferenceGroup(record.prompt))
+        if isinstance(record, Ranking):
+            for i, j in record.pairs():
+                group.add(record.completions[i], record.completions[j])
+        else:
+            group.add(record.chosen, record.rejected, record.margin)
+    return list(groups.values())
+
+
+class ComparisonDataModule(RLHFDataModule):
+    """Comparisons and K-wise rankings for the reward model, one prompt group per unit.
+
+    ``batch_size`` counts prompt groups; a batch holds every completion of each group once
+    (see :class:`PreferenceCollator`).
+    """
+
+    record_kind = "preference"
+
+    def units(self, records: list[Comparison | Ranking]) -> list[PreferenceGroup]:
+        return group_preferences(records)
+
+    def encode(self, unit: PreferenceGroup, index: int) -> dict[str, Any] | None:
+        encoded = [self.pair_ids(unit.prompt, c) for c in unit.completions]
+        if any(not response for _, response in encoded):
+            return None
+        # Truncation keeps the prompt identical for every completion of the group.
+        prompt_ids = encoded[0][0]
+        return {
+            "prompt_ids": prompt_ids,
+            "completion_ids": [response for _, response in encoded],
+            "pairs": list(unit.pairs),
+            "margins": list(unit.margins),
+        }
+
+    def collator(self) -> PreferenceCollator:
+        return PreferenceCollator(self.tokenizer.pad_token_id, self.pad_to_multiple_of)
+
+
+class PromptDataModule(RLHFDataModule):
+    """Prompts for PPO rollouts, left-padded for generation (see :class:`PromptCollator`)."""
+
+    record_kind = "prompt"
+
+    def encode(self, unit: PromptRecord, index: int) -> dict[str, Any] | None:
+        ids = self.formatter.prompt_ids(unit.prompt)
+        return {"prompt_ids": ids[-self.max_prompt_length :], "index": index}
+
+    def collator(self) -> PromptCollator:
+        return PromptCollator(self.tokenizer.pad_token_id, self.pad_to_multiple_of)

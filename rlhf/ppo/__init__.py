@@ -1,0 +1,1 @@
+"""Pure-torch maths of RLHF-PPO: masks, KL estimators/controllers, advantages, losses."""

@@ -1,0 +1,108 @@
+"""Hand-computed checks for rlhf.ppo.losses."""
+
+import math
+
+import torch
+from torch.testing import assert_close
+
+from rlhf.ppo.losses import entropy_from_logits, logprobs_from_logits, policy_loss, value_loss
+
+T = torch.tensor
+
+# (ratio, advantage, per-token loss, clipped-term active) for clip_range = 0.2
+CASES = [
+    (1.1, 2.0, -2.2, False),  # A>0, inside: -A*r
+    (1.5, 2.0, -2.4, True),  # A>0, above 1+eps: -A*1.2 (clipped, no gradient)
+    (0.5, 2.0, -1.0, False),  # A>0, below 1-eps: pessimistic unclipped -A*r
+    (0.9, -1.0, 0.9, False),  # A<0, inside
+    (0.5, -1.0, 0.8, True),  # A<0, below 1-eps: -A*0.8 (clipped)
+    (1.5, -1.0, 1.5, False),  # A<0, above 1+eps: unclipped -A*r
+]
+
+
+def _policy_inputs(pad=False):
+    ratios = [c[0] for c in CASES]
+    advs = [c[1] for c in CASES]
+    mask = [1.0] * len(CASES)
+    old = [0.3] * len(CASES)
+    if pad:  # garbage padding token: huge ratio and advantage
+        ratios, advs, mask, old = ratios + [50.0], advs + [1e4], mask + [0.0], old + [float("nan")]
+    old_logp = T([old], dtype=torch.float64)
+    logp = (T([[math.log(r) for r in ratios]], dtype=torch.float64) + old_logp.nan_to_num(0.0)).requires_grad_()
+    return logp, old_logp, T([advs], dtype=torch.float64), T([mask], dtype=torch.float64)
+
+
+def test_policy_loss_four_quadrants_and_stats():
+    n = len(CASES)
+    for pad in (False, True):
+        logp, old, adv, mask = _policy_inputs(pad)
+        loss, stats = policy_loss(logp, old, adv, mask, clip_range=0.2)
+        assert_close(loss, T(sum(c[2] for c in CASES) / n, dtype=torch.float64))  # = -0.4
+        assert_close(loss, T(-0.4, dtype=torch.float64))
+        assert_close(stats["clipfrac"], T(2 / 6, dtype=torch.float64))
+        assert_close(stats["ratio_mean"], T(1.0, dtype=torch.float64))
+        assert_close(stats["ratio_max"], T(1.5, dtype=torch.float64))
+        k2 = sum(0.5 * math.log(c[0]) ** 2 for c in CASES) / n
+        k3 = sum((c[0] - 1) - math.log(c[0]) for c in CASES) / n
+        assert_close(stats["approx_kl"], T(k2, dtype=torch.float64))
+        assert_close(stats["approx_kl_k3"], T(k3, dtype=torch.float64))
+        # gradient: d/dlogp of -A*r/n = -A*r/n for unclipped tokens, 0 for clipped ones / padding
+        loss.backward()
+        exp_grad = [0.0 if c[3] else -c[1] * c[0] / n for c in CASES] + ([0.0] if pad else [])
+        assert_close(logp.grad, T([exp_grad], dtype=torch.float64))
+
+
+def test_policy_loss_ratio_one_equals_minus_mean_advantage():
+    logp = torch.zeros(2, 3)
+    adv = T([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
+    mask = T([[1, 1, 0], [1, 0, 0]], dtype=torch.bool)
+    loss, stats = policy_loss(logp, logp, adv, mask)
+    assert_close(loss, T(-(1.0 + 2.0 + 4.0) / 3))
+    assert_close(stats["clipfrac"], T(0.0))
+    assert_close(stats["approx_kl"], T(0.0))
+
+
+def test_value_loss_both_branches():
+    # (v, old, R): loss term, clipped active
+    values = T([[1.1, 1.5, 1.5, 0.5, 123.0]])
+    old = T([[1.0, 1.0, 1.0, 1.0, -5.0]])
+    returns = T([[2.0, 2.0, 1.0, 2.0, 77.0]])
+    mask = T([[1, 1, 1, 1, 0]])
+    # 1: inside clip, (1.1-2)^2 = 0.81 both
+    # 2: v_clip = 1.2, max(0.25, 0.64) = 0.64 (clipped active)
+    # 3: v_clip = 1.2, max(0.25, 0.04) = 0.25
+    # 4: v_clip = 0.8, max(2.25, 1.44) = 2.25
+    loss, stats = value_loss(values, old, returns, mask, clip_range=0.2)
+    assert_close(loss, T(0.5 * (0.81 + 0.64 + 0.25 + 2.25) / 4))
+    assert_close(stats["clipfrac"], T(0.25))
+
+
+def test_logprobs_from_logits_temperature():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 5, 11, generator=g)
+    tokens = torch.randint(0, 11, (2, 5), generator=g)
+    for temp in (1.0, 0.7, 2.0):
+        exp = torch.log_softmax(logits / temp, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+        assert_close(logprobs_from_logits(logits, tokens, temperature=temp), exp)
+    # hand values: logits [0, ln 3] -> probs [1/4, 3/4]; at T=2 -> [1, sqrt 3] / (1 + sqrt 3)
+    two = T([[[0.0, math.log(3.0)], [0.0, math.log(3.0)]]])
+    toks = T([[1, 0]])
+    assert_close(logprobs_from_logits(two, toks), T([[math.log(0.75), math.log(0.25)]]))
+    s3 = math.sqrt(3.0)
+    assert_close(logprobs_from_logits(two, toks, temperature=2.0), T([[math.log(s3 / (1 + s3)), math.log(1 / (1 + s3))]]))
+    # bfloat16 input is computed in float32
+    out = logprobs_from_logits(two.bfloat16(), toks)
+    assert out.dtype == torch.float32
+
+
+def test_entropy_from_logits():
+    v = 7
+    assert_close(entropy_from_logits(torch.zeros(2, 3, v)), torch.full((2, 3), math.log(v)))
+    assert_close(entropy_from_logits(torch.full((1, 1, v), 1e4)), T([[math.log(v)]]))
+    # probs [1/4, 3/4]
+    h = -(0.25 * math.log(0.25) + 0.75 * math.log(0.75))
+    assert_close(entropy_from_logits(T([[[0.0, math.log(3.0)]]])), T([[h]]))
+    # near-deterministic with huge logits: ~0, finite
+    e = entropy_from_logits(T([[[1e4, -1e4, 0.0]]]))
+    assert torch.isfinite(e).all()
+    assert_close(e, T([[0.0]]))
