@@ -145,7 +145,7 @@ class RLHFDataModule(L.LightningDataModule):
 
             self.tokenizer = load_tokenizer(self.tokenizer_name)
         else:
-            module = self.trainer.lightning_module if self._trainer is not None else None
+            module = self.trainer.lightning_module if self.trainer is not None else None
             self.tokenizer = getattr(module, "tokenizer", None)
             if self.tokenizer is None:
                 raise ValueError(
@@ -191,7 +191,7 @@ class RLHFDataModule(L.LightningDataModule):
         self.val_dataset = ListDataset(self._encode_all(self.val_units))
         self.stats.update(train_units=len(self.train_dataset), val_units=len(self.val_dataset))
         log.info("data: %s", self.stats)
-        if self._trainer is not None:
+        if self.trainer is not None:
             for logger in self.trainer.loggers:
                 logger.log_hyperparams({f"data/{k}": v for k, v in self.stats.items()})
 

@@ -1,0 +1,58 @@
+"""``python -m rlhf.fit --config configs/....yaml``: one entry point for every stage.
+
+The stage is the config's ``model.class_path`` (SFT, reward model, PPO) and its data module the
+``data.class_path``; everything else is Lightning's ``Trainer``. Any key can be overridden on
+the command line in the W&B agent's style, e.g. ``--model.init_args.lr=1e-4``. Resume a run
+with ``--ckpt_path last`` (or a path).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from lightning.pytorch import LightningDataModule, LightningModule
+from lightning.pytorch.cli import LightningCLI
+
+
+class RLHFCLI(LightningCLI):
+    """LightningCLI that always fits, with ``--ckpt_path`` for resuming."""
+
+    def add_arguments_to_parser(self, parser) -> None:  # noqa: ANN001 (jsonargparse parser)
+        parser.add_argument(
+            "--ckpt_path",
+            type=str | None,
+            default=None,
+            help="checkpoint to resume from: a path, or 'last' for the run's last checkpoint",
+        )
+        parser.add_argument(
+            "--validate_before_fit",
+            type=bool,
+            default=False,
+            help="run the validation loop once before training (logs the step-0 baseline)",
+        )
+
+
+def main(args: list[str] | None = None) -> RLHFCLI:
+    """Parse the config, build trainer/module/data, and fit."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    cli = RLHFCLI(
+        LightningModule,
+        LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        run=False,
+        args=args,
+        save_config_kwargs={"overwrite": True},
+        auto_configure_optimizers=False,
+        parser_kwargs={"description": __doc__.split("\n\n")[0]},
+    )
+    if cli.config.validate_before_fit and cli.config.ckpt_path is None:
+        cli.trainer.validate(cli.model, datamodule=cli.datamodule, verbose=False)
+        cli.model.metrics_before_fit = cli.model.logged_metrics()
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.config.ckpt_path)
+    return cli
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,107 @@
+"""What the three stage modules share: model settings, optimizer, lean checkpoints, outputs."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning as L
+import torch
+
+from rlhf.models.loading import LoraSettings, ModelSettings, load_tokenizer
+
+# Hyperparameters hold these dataclasses; let Lightning's weights-only checkpoint loading read them.
+torch.serialization.add_safe_globals([ModelSettings, LoraSettings])
+
+
+def warmup_linear_decay(warmup_steps: int, total_steps: int):
+    """LR multiplier: linear warm-up over ``warmup_steps``, then linear decay to 0 at the end."""
+
+    def factor(step: int) -> float:
+        if warmup_steps and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        remaining = max(1, total_steps - warmup_steps)
+        return max(0.0, 1.0 - (step - warmup_steps) / remaining)
+
+    return factor
+
+
+class StageModule(L.LightningModule):
+    """Base of the SFT, reward-model and PPO modules.
+
+    Args:
+        base: the model to start from (path or Hub id, dtype, LoRA, quantization, ...).
+        lr: peak learning rate (AdamW).
+        weight_decay: AdamW weight decay.
+        warmup_steps: linear warm-up steps; the LR then decays linearly to 0.
+        adam_eps: AdamW epsilon.
+        output_dir: where the stage's final model is saved (atomically) when fitting ends;
+            ``None`` saves nothing.
+    """
+
+    # Checkpoints hold only trainable tensors (LoRA, heads); the frozen base comes from
+    # ``base`` again on load, so loading is non-strict.
+    strict_loading = False
+
+    def __init__(
+        self,
+        base: ModelSettings,
+        lr: float = 2e-4,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 0,
+        adam_eps: float = 1e-8,
+        output_dir: str | None = None,
+    ) -> None:
+        super().__init__()
+        if lr <= 0:
+            raise ValueError(f"lr must be > 0, got {lr}")
+        self.base = base
+        self.lr = lr
+        self.weight_decay = weight_decay
+        self.warmup_steps = warmup_steps
+        self.adam_eps = adam_eps
+        self.output_dir = output_dir
+        self.tokenizer = load_tokenizer(base.name_or_path, revision=base.revision)
+        self.metrics_before_fit: dict[str, float] = {}
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def total_steps(self) -> int:
+        steps = self.trainer.estimated_stepping_batches
+        return int(steps) if math.isfinite(steps) else 1_000_000
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        params = self.trainable_parameters()
+        if not params:
+            raise ValueError("nothing to train: every parameter is frozen")
+        optimizer = torch.optim.AdamW(
+            params, lr=self.lr, weight_decay=self.weight_decay, eps=self.adam_eps
+        )
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, warmup_linear_decay(self.warmup_steps, self.total_steps())
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        trainable = {name for name, p in self.named_parameters() if p.requires_grad}
+        checkpoint["state_dict"] = {
+            k: v for k, v in checkpoint["state_dict"].items() if k in trainable
+        }
+
+    def on_train_end(self) -> None:
+        if self.output_dir is None or self.trainer.interrupted:
+            return
+        if self.trainer.is_global_zero:
+            self.save_outputs(self.output_dir)
+        self.trainer.strategy.barrier("rlhf-save-outputs")
+
+    def save_outputs(self, output_dir: str) -> None:
+        """Write the stage's final model to ``output_dir`` (rank zero only)."""
+        raise NotImplementedError
+
+    def logged_metrics(self) -> dict[str, float]:
+        """Last values of the logged metrics, as plain floats (for the stage marker)."""
+        return {
+            k: float(v) for k, v in self.trainer.callback_metrics.items() if torch.is_tensor(v)
+        }

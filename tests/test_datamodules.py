@@ -1,0 +1,144 @@
+"""Tokenization, truncation, splitting and batching of the shared data layer."""
+
+import json
+
+import pytest
+import torch
+
+from rlhf.data.collate import IGNORE_INDEX
+from rlhf.data.datamodules import (
+    ComparisonDataModule,
+    DemonstrationDataModule,
+    PromptDataModule,
+    deterministic_split,
+)
+from rlhf.data.records import Turn
+from rlhf.data.sources import DataSource
+from rlhf.data.tokenization import PromptFormatter, truncate_pair
+from rlhf.models.loading import load_tokenizer
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_truncate_pair_keeps_response_and_prompt_end():
+    pair = truncate_pair(list(range(10)), [100, 101, 102], max_length=8, max_prompt_length=5)
+    assert pair.prompt_ids == [5, 6, 7, 8, 9]
+    assert pair.response_ids == [100, 101, 102]
+    pair = truncate_pair([1, 2], list(range(100, 120)), max_length=8, max_prompt_length=5)
+    assert pair.prompt_ids == [1, 2] and pair.response_ids == list(range(100, 106))
+    with pytest.raises(ValueError, match="max_prompt_length"):
+        truncate_pair([1], [2], max_length=4, max_prompt_length=4)
+
+
+def test_chat_template_pair_matches_full_conversation(tiny_model_dir):
+    tok = load_tokenizer(tiny_model_dir)
+    fmt = PromptFormatter(tok)
+    assert fmt.use_chat_template
+    convo = (Turn("user", "Hi there"), Turn("assistant", "Hello."), Turn("user", "How are you?"))
+    prompt = fmt.prompt_ids(convo)
+    response = fmt.response_ids(convo, "Fine, thanks.")
+    assert response[-1] == tok.eos_token_id and tok.eos_token_id not in response[:-1]
+    full = tok.apply_chat_template(
+        [{"role": t.role, "content": t.content} for t in convo]
+        + [{"role": "assistant", "content": "Fine, thanks."}],
+        tokenize=False,
+    )
+    full_ids = tok(full, add_special_tokens=False)["input_ids"]
+    assert full_ids[: len(prompt) + len(response)] == prompt + response
+    assert fmt.decode_response(response) == "Fine, thanks."
+
+
+def test_plain_template_without_chat_template(tiny_model_dir_plain):
+    tok = load_tokenizer(tiny_model_dir_plain)
+    fmt = PromptFormatter(tok)
+    assert not fmt.use_chat_template
+    convo = (Turn("user", "Hi"),)
+    assert fmt.prompt_text(convo) == "\n\nHuman: Hi\n\nAssistant:"
+    assert fmt.response_ids(convo, "Yo")[-1] == tok.eos_token_id
+    with pytest.raises(ValueError, match="no chat template"):
+        PromptFormatter(tok, use_chat_template=True)
+
+
+def test_deterministic_split():
+    a = deterministic_split(100, 0.1, seed=3)
+    assert a == deterministic_split(100, 0.1, seed=3)
+    assert a != deterministic_split(100, 0.1, seed=4)
+    train, val = a
+    assert len(val) == 10 and sorted(train + val) == list(range(100))
+    with pytest.raises(ValueError, match="val_fraction"):
+        deterministic_split(10, 1.0, 0)
+
+
+def test_demonstration_batches_mask_prompt(tmp_path, tiny_model_dir):
+    rows = [{"prompt": f"question {i}?", "response": f"answer number {i}."} for i in range(20)]
+    dm = DemonstrationDataModule(
+        train=DataSource(write_jsonl(tmp_path / "d.jsonl", rows)),
+        tokenizer=tiny_model_dir,
+        val_fraction=0.2,
+        batch_size=4,
+        max_length=64,
+        max_prompt_length=32,
+    )
+    dm.setup("fit")
+    assert len(dm.train_dataset) == 16 and len(dm.val_dataset) == 4
+    batch = next(iter(dm.train_dataloader()))
+    ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    assert ids.shape == labels.shape == mask.shape and ids.shape[0] == 4
+    for row in range(4):
+        n_real = int(mask[row].sum())
+        assert mask[row, :n_real].all() and not mask[row, n_real:].any()  # right padded
+        labelled = labels[row] != IGNORE_INDEX
+        first = int(labelled.nonzero()[0])
+        assert not labelled[:first].any() and labelled[first:n_real].all()
+        assert not labelled[n_real:].any()
+        assert int(labels[row, n_real - 1]) == dm.tokenizer.eos_token_id
+
+
+def test_preference_groups_encode_each_completion_once(tmp_path, tiny_model_dir):
+    rows = [
+        {"prompt": "p0", "completions": ["best", "middle", "worst"]},
+        {"prompt": "p1", "chosen": "good", "rejected": "bad", "margin": 2.0},
+        {"prompt": "p1", "chosen": "good", "rejected": "awful"},
+    ]
+    dm = ComparisonDataModule(
+        train=DataSource(write_jsonl(tmp_path / "c.jsonl", rows)),
+        tokenizer=tiny_model_dir,
+        val_fraction=0.0,
+        batch_size=2,
+    )
+    dm.setup("fit")
+    batch = next(iter(dm._loader(dm.train_dataset, 2, shuffle=False)))
+    # 3 completions of p0 + 3 distinct completions of p1 (the "good" one shared)
+    assert batch["input_ids"].shape[0] == 6
+    assert batch["group"].tolist() == [0, 0, 0, 1, 1, 1]
+    assert list(zip(batch["chosen_index"].tolist(), batch["rejected_index"].tolist())) == [
+        (0, 1), (0, 2), (1, 2), (3, 4), (3, 5)
+    ]
+    assert batch["margin"].tolist() == [0.0, 0.0, 0.0, 2.0, 0.0]
+
+
+def test_prompts_are_left_padded(tmp_path, tiny_model_dir):
+    rows = [{"prompt": "short"}, {"prompt": "a much longer prompt than the other one"}]
+    dm = PromptDataModule(
+        train=DataSource(write_jsonl(tmp_path / "p.jsonl", rows)),
+        tokenizer=tiny_model_dir,
+        val_fraction=0.0,
+        batch_size=2,
+    )
+    dm.setup("fit")
+    batch = next(iter(dm._loader(dm.train_dataset, 2, shuffle=False)))
+    mask = batch["attention_mask"]
+    assert mask[:, -1].all()  # every prompt ends at the last column
+    assert not mask[0, 0] and mask[1, 0]
+    assert batch["index"].tolist() == [0, 1]
+    assert dm.train_units[1].prompt[-1].content.startswith("a much longer")
+
+
+def test_config_errors_are_early():
+    with pytest.raises(ValueError, match="max_prompt_length"):
+        PromptDataModule(train=DataSource("x.jsonl"), max_length=8, max_prompt_length=8)
+    with pytest.raises(ValueError, match="val_fraction"):
+        PromptDataModule(train=DataSource("x.jsonl"), val_fraction=1.5)
