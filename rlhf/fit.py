@@ -48,7 +48,10 @@ def main(args: list[str] | None = None) -> RLHFCLI:
         parser_kwargs={"description": __doc__.split("\n\n")[0]},
     )
     if cli.config.validate_before_fit and cli.config.ckpt_path is None:
+        # Loggers are detached here; the module logs these numbers at step 0 of the fit.
+        loggers, cli.trainer.loggers = cli.trainer.loggers, []
         cli.trainer.validate(cli.model, datamodule=cli.datamodule, verbose=False)
+        cli.trainer.loggers = loggers
         cli.model.metrics_before_fit = cli.model.logged_metrics()
     cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.config.ckpt_path)
     return cli

@@ -89,6 +89,11 @@ class StageModule(L.LightningModule):
             k: v for k, v in checkpoint["state_dict"].items() if k in trainable
         }
 
+    def on_train_start(self) -> None:
+        if self.metrics_before_fit and self.global_step == 0:
+            for logger in self.trainer.loggers:
+                logger.log_metrics(self.metrics_before_fit, step=0)
+
     def on_train_end(self) -> None:
         if self.output_dir is None or self.trainer.interrupted:
             return

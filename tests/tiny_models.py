@@ -79,6 +79,7 @@ def build_tiny_llama(
     intermediate: int = 128,
     max_pos: int = 512,
     seed: int = 0,
+    initializer_range: float = 0.02,
 ) -> LlamaForCausalLM:
     """Save a random fp32 ``LlamaForCausalLM`` sized for ``tokenizer`` (plus the tokenizer) to ``out_dir``."""
     config = LlamaConfig(
@@ -93,6 +94,7 @@ def build_tiny_llama(
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=True,
+        initializer_range=initializer_range,
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config).to(torch.float32).eval()

@@ -305,8 +305,10 @@ def _linear_module_names(model: torch.nn.Module) -> list[str]:
     out_emb = get_out() if callable(get_out) else None
     names = set()
     for name, module in model.named_modules():
-        if module is out_emb:
+        if module is out_emb or ".lora_" in name:
             continue
+        if name.endswith(".base_layer"):  # a layer that already carries a LoRA adapter
+            name = name[: -len(".base_layer")]
         leaf = name.rsplit(".", 1)[-1]
         if isinstance(module, (torch.nn.Linear, Conv1D)) and leaf not in _HEAD_NAMES:
             names.add(leaf)

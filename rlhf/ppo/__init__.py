@@ -1,1 +1,6 @@
-"""Pure-torch maths of RLHF-PPO: masks, KL estimators/controllers, advantages, losses."""
+"""PPO stage: rollouts, advantages, losses and the PPO LightningModule."""
+
+from rlhf.ppo.module import PPOModule
+from rlhf.ppo.settings import KLSettings, RewardSettings, SamplingSettings, UpdateSettings
+
+__all__ = ["KLSettings", "PPOModule", "RewardSettings", "SamplingSettings", "UpdateSettings"]

@@ -1,0 +1,175 @@
+"""Rollouts: sampling responses, the no-grad passes over them, and the buffer they fill.
+
+A rollout batch is ``[batch, prompt + response]`` token ids: prompts left-padded to a common
+length ``P`` (so every response starts at column ``P``), responses right-padded to ``R``.
+Response tokens after the first EOS are masked out of everything.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+from typing import Protocol
+
+import torch
+from torch import nn
+from transformers import GenerationConfig
+
+from rlhf.ppo.losses import logprobs_from_logits
+from rlhf.ppo.masks import response_mask_from_eos
+from rlhf.ppo.settings import SamplingSettings
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions ``[batch, seq]`` counting real tokens only, so left padding shifts nothing."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def causal_lm_of(model: nn.Module) -> nn.Module:
+    """The ``*ForCausalLM`` inside a peft wrapper (LoRA layers stay injected and active)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def trunk_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Final hidden states ``[batch, seq, hidden]`` of the decoder, skipping the LM head."""
+    decoder = causal_lm_of(model).get_decoder()
+    return decoder(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids_from_mask(attention_mask),
+        use_cache=False,
+    ).last_hidden_state
+
+
+def response_logits(model: nn.Module, hidden: torch.Tensor, response_start: int) -> torch.Tensor:
+    """LM-head logits ``[batch, R, vocab]`` predicting the response tokens only.
+
+    The hidden state at column ``t`` predicts token ``t + 1``, so response token ``i`` (column
+    ``response_start + i``) is predicted from column ``response_start + i - 1``.
+    """
+    head = causal_lm_of(model).get_output_embeddings()
+    return head(hidden[:, response_start - 1 : -1])
+
+
+@torch.no_grad()
+def sample_responses(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    sampling: SamplingSettings,
+    eos_id: int,
+    pad_id: int,
+) -> torch.Tensor:
+    """Sample responses ``[batch, R]`` (KV cache on, stop at EOS; finished rows padded).
+
+    Every logits processor is set explicitly: ``generate`` fills unset (``None``) fields from
+    the model's generation config and global defaults (``top_k=50``), which would make the
+    sampling distribution differ from the one log-probs are computed under.
+    """
+    config = GenerationConfig(
+        do_sample=True,
+        temperature=sampling.temperature,
+        top_k=sampling.top_k,  # 0 = off
+        top_p=sampling.top_p,
+        min_p=0.0,
+        typical_p=1.0,
+        epsilon_cutoff=0.0,
+        eta_cutoff=0.0,
+        repetition_penalty=1.0,
+        no_repeat_ngram_size=0,
+        min_new_tokens=0,
+        max_new_tokens=sampling.max_new_tokens,
+        eos_token_id=eos_id,
+        pad_token_id=pad_id,
+        use_cache=True,
+    )
+    out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
+    return out[:, input_ids.shape[1] :]
+
+
+class Scorer(Protocol):
+    """Scores whole sequences: ``(input_ids, attention_mask) -> [batch]`` (read at the last
+    real token of each row)."""
+
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor: ...
+
+
+@dataclass
+class Rollout:
+    """The in-loop buffer of one PPO iteration. ``B`` sequences, ``R`` response columns.
+
+    Attributes:
+        input_ids, attention_mask: ``[B, P + R]``; the mask is 0 on padding and after EOS.
+        response_start: ``P``, the column where responses start.
+        response_mask: ``[B, R]`` 1 on response tokens up to and including the first EOS.
+        logprobs, ref_logprobs: ``[B, R]`` policy (old) and reference log-probs (temperature
+            scaled like sampling).
+        values: ``[B, R]`` critic values at rollout time (zeros when critic-free).
+        raw_scores: ``[B]`` reward-model scores; scores: ``[B]`` after shaping.
+        kl: ``[B, R]`` per-token KL estimate; rewards: ``[B, R]`` per-token rewards.
+        advantages, returns: ``[B, R]``.
+        has_eos: ``[B]`` whether the response ended with EOS.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    response_start: int
+    response_mask: torch.Tensor
+    logprobs: torch.Tensor
+    ref_logprobs: torch.Tensor
+    values: torch.Tensor
+    raw_scores: torch.Tensor
+    scores: torch.Tensor
+    kl: torch.Tensor
+    rewards: torch.Tensor
+    advantages: torch.Tensor
+    returns: torch.Tensor
+    has_eos: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def select(self, index: torch.Tensor) -> "Rollout":
+        """The rows ``index`` of every per-sequence tensor (a minibatch)."""
+        picked = {
+            f.name: getattr(self, f.name)[index]
+            for f in fields(self)
+            if isinstance(getattr(self, f.name), torch.Tensor)
+        }
+        return replace(self, **picked)
+
+
+def assemble_sequences(
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    responses: torch.Tensor,
+    eos_id: int,
+    pad_id: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Join prompts and sampled responses, masking everything after the first EOS.
+
+    Returns ``(input_ids [B, P+R], attention_mask [B, P+R], response_mask [B, R], has_eos [B])``
+    with ``R`` trimmed to the longest valid response.
+    """
+    response_mask = response_mask_from_eos(responses, eos_id).to(prompt_mask.dtype)
+    has_eos = ((responses == eos_id) & response_mask.bool()).any(dim=1)
+    length = max(1, int(response_mask.sum(dim=1).max()))
+    responses, response_mask = responses[:, :length], response_mask[:, :length]
+    responses = torch.where(response_mask.bool(), responses, torch.full_like(responses, pad_id))
+    input_ids = torch.cat([prompt_ids, responses], dim=1)
+    attention_mask = torch.cat([prompt_mask, response_mask], dim=1)
+    return input_ids, attention_mask, response_mask, has_eos
+
+
+def sequence_logprobs(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    response_start: int,
+    temperature: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Response log-probs ``[B, R]`` and the trunk's hidden states ``[B, R, hidden]`` that
+    predicted them (what a shared value head reads)."""
+    hidden = trunk_hidden(model, input_ids, attention_mask)
+    logits = response_logits(model, hidden, response_start)
+    tokens = input_ids[:, response_start:]
+    return logprobs_from_logits(logits, tokens, temperature), hidden[:, response_start - 1 : -1]

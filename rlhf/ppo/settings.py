@@ -1,0 +1,96 @@
+"""Typed PPO settings, grouped the way the algorithm is: sampling, reward, KL, updates."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+
+@dataclass
+class SamplingSettings:
+    """How responses are sampled. The same temperature scales logits when log-probs are
+    recomputed, so sampling and scoring see one distribution (top-k/top-p only restrict
+    which tokens can be drawn)."""
+
+    max_new_tokens: int = 64
+    temperature: float = 0.7
+    top_k: int = 0
+    top_p: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0 (got {self.temperature})")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1] (got {self.top_p})")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1 (got {self.max_new_tokens})")
+
+
+@dataclass
+class RewardSettings:
+    """Where scores come from and how they are shaped.
+
+    Args:
+        model: the reward-model stage's output directory.
+        normalize: standardise scores with the mean/std the RM stage recorded.
+        clip: clip the (normalised) score to ``[-clip, clip]``; ``None`` disables.
+        missing_eos_penalty: score given to responses that never emit EOS (replaces the RM
+            score); ``None`` keeps the RM score.
+        length_normalize: divide the score by the response length in tokens (guards against
+            length gaming).
+        share_base: when the RM was trained as a LoRA adapter on the policy's base, load it as
+            an adapter on that base instead of a second model.
+    """
+
+    model: str
+    normalize: bool = True
+    clip: float | None = 5.0
+    missing_eos_penalty: float | None = -1.0
+    length_normalize: bool = False
+    share_base: bool = True
+
+
+@dataclass
+class KLSettings:
+    """Per-token KL penalty ``-coef * KL_t``; ``adaptive`` uses Ziegler et al.'s controller."""
+
+    coef: float = 0.05
+    adaptive: bool = False
+    target: float = 6.0
+    horizon: int = 10000
+    estimator: Literal["k1", "k2", "k3"] = "k1"
+
+
+@dataclass
+class UpdateSettings:
+    """The optimisation part of an iteration.
+
+    Args:
+        ppo_epochs: passes over the rollout buffer per iteration.
+        minibatch_size: sequences per optimizer step (``None``: the whole buffer).
+        micro_batch_size: sequences per forward/backward (gradient accumulation inside a
+            minibatch; ``None``: the minibatch).
+        clip_range: policy ratio clip epsilon.
+        value_clip_range: value clip epsilon.
+        vf_coef: value loss weight.
+        entropy_coef: entropy bonus weight.
+        max_grad_norm: gradient clipping norm (``None`` disables).
+        target_approx_kl: stop the epoch loop early once the minibatch approximate KL exceeds
+            this (``None`` disables).
+        gamma: GAE discount.
+        lam: GAE lambda.
+        whiten_advantages: standardise advantages over the buffer's valid tokens.
+    """
+
+    ppo_epochs: int = 4
+    minibatch_size: int | None = None
+    micro_batch_size: int | None = None
+    clip_range: float = 0.2
+    value_clip_range: float = 0.2
+    vf_coef: float = 0.1
+    entropy_coef: float = 0.0
+    max_grad_norm: float | None = 1.0
+    target_approx_kl: float | None = None
+    gamma: float = 1.0
+    lam: float = 0.95
+    whiten_advantages: bool = True

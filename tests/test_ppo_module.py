@@ -1,0 +1,125 @@
+"""PPOModule on the tiny model: reference = base exactly, learning a token-count reward,
+staying at the reference under a huge KL coefficient, critic-free estimators."""
+
+import json
+
+import lightning as L
+import pytest
+import torch
+
+from rlhf.data.datamodules import PromptDataModule
+from rlhf.data.sources import DataSource
+from rlhf.models.loading import LoraSettings, ModelSettings, load_causal_lm
+from rlhf.ppo.module import PPOModule
+from rlhf.ppo.rollout import position_ids_from_mask
+from rlhf.ppo.losses import logprobs_from_logits
+from rlhf.ppo.settings import KLSettings, SamplingSettings, UpdateSettings
+
+
+class TokenCountScorer:
+    """Reward = number of tokens of the sequence whose id is a multiple of ``every`` (one
+    vocabulary token in ``every``: a "+1 per occurrence" reward frequent enough to learn from
+    on a tiny random model)."""
+
+    def __init__(self, every: int = 8) -> None:
+        self.every = every
+
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return ((input_ids % self.every == 0) & attention_mask.bool()).sum(dim=1).float()
+
+
+def prompts(tmp_path, n=16):
+    path = tmp_path / "prompts.jsonl"
+    # One prompt repeated: the reward then differs only through the responses.
+    path.write_text("".join(json.dumps({"prompt": "Tell me a story."}) + "\n" for _ in range(n)))
+    return PromptDataModule(train=DataSource(str(path)), val_fraction=0.0, batch_size=8,
+                            max_length=64, max_prompt_length=32)
+
+
+def make_module(model_dir, **kwargs):
+    defaults = dict(
+        base=ModelSettings(model_dir, lora=LoraSettings(r=8, alpha=16)),
+        sampling=SamplingSettings(max_new_tokens=8, temperature=1.0),
+        kl=KLSettings(coef=0.01),
+        update=UpdateSettings(ppo_epochs=2, minibatch_size=8),
+        lr=3e-3, iterations=30, sample_every=0,
+    )
+    defaults.update(kwargs)
+    module = PPOModule(**defaults)
+    module.scorer = TokenCountScorer()
+    return module
+
+
+def fit(module, data, root):
+    trainer = L.Trainer(accelerator="cpu", max_epochs=-1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                        default_root_dir=root)
+    history = []
+
+    class Record(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            history.append({k: float(v) for k, v in trainer.callback_metrics.items()})
+
+    trainer.callbacks.append(Record())
+    trainer.fit(module, datamodule=data)
+    return history
+
+
+def test_reference_logprobs_equal_the_base_model(tmp_path, tiny_model_dir):
+    module = make_module(tiny_model_dir)
+    module.configure_model()
+    for name, p in module.model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.5)  # the adapter now changes the outputs
+    base = load_causal_lm(ModelSettings(tiny_model_dir)).eval()
+    ids = torch.randint(3, 500, (2, 12))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # a left-padded row
+    start = 7
+    ref = module.reference_logprobs(ids, mask, start)
+    with torch.no_grad():
+        logits = base(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)).logits
+    expected = logprobs_from_logits(logits[:, start - 1 : -1], ids[:, start:], module.sampling.temperature)
+    torch.testing.assert_close(ref, expected, rtol=0, atol=1e-6)
+    _, policy, _ = module.policy_forward(ids, mask, start)
+    assert (policy - ref).abs().max() > 1e-3  # and the adapter is really on for the policy
+
+
+def mean_of(history, key, rows):
+    return sum(h[key] for h in rows) / len(rows)
+
+
+def test_ppo_raises_a_token_count_reward_and_a_huge_kl_coef_holds_it_at_the_reference(
+    tmp_path, tiny_policy_dir
+):
+    torch.manual_seed(0)
+    free = fit(make_module(tiny_policy_dir), prompts(tmp_path), tmp_path)
+    assert len(free) == 30
+    assert all(torch.isfinite(torch.tensor(list(h.values()))).all() for h in free)
+    first, last = mean_of(free, "reward/mean", free[:5]), mean_of(free, "reward/mean", free[-5:])
+    assert last > first + 1.0, (first, last)
+    free_kl = max(h["kl/mean"] for h in free)
+    assert free_kl < 20  # bounded (8 tokens; the reference is the policy's own base)
+
+    torch.manual_seed(0)
+    held = fit(make_module(tiny_policy_dir, kl=KLSettings(coef=100.0)), prompts(tmp_path), tmp_path)
+    held_kl = max(h["kl/mean"] for h in held)
+    assert held_kl < 0.3 * free_kl, (held_kl, free_kl)
+    first, last = mean_of(held, "reward/mean", held[:5]), mean_of(held, "reward/mean", held[-5:])
+    assert last < first + 0.5, (first, last)
+
+
+@pytest.mark.parametrize("estimator", ["rloo", "grpo"])
+def test_critic_free_estimators_learn(tmp_path, tiny_policy_dir, estimator):
+    torch.manual_seed(0)
+    module = make_module(tiny_policy_dir, estimator=estimator, samples_per_prompt=4,
+                         iterations=20)
+    assert module.value_head is None
+    data = prompts(tmp_path)
+    data.batch_size = 4
+    history = fit(module, data, tmp_path)
+    first = mean_of(history, "reward/mean", history[:4])
+    last = mean_of(history, "reward/mean", history[-4:])
+    assert last > first + 0.5, (first, last)
+    assert "value/loss" not in history[-1]
+
