@@ -158,9 +158,8 @@ class RLHFDataModule(L.LightningDataModule):
         for source in sources:
             result = load_records(source, self.record_kind, on_bad_row=self.on_bad_row)
             records.extend(result.records)
+            # load_records has already logged a summary of any skipped rows.
             self.stats["skipped_rows"] = self.stats.get("skipped_rows", 0) + result.skipped.total
-            if result.skipped.total:
-                log.warning(result.skipped.summary())
         return records
 
     def _encode_all(self, units: list[Any]) -> list[dict[str, Any]]:

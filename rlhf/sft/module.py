@@ -51,7 +51,10 @@ class SFTModule(StageModule):
         if self.model is not None:
             return
         model = load_causal_lm(self.base)
-        self.model = apply_lora(model, self.base.lora) if self.base.lora else model
+        model = apply_lora(model, self.base.lora) if self.base.lora else model
+        # from_pretrained returns eval mode and Lightning keeps module modes: train mode is
+        # what makes dropout and gradient checkpointing act.
+        self.model = model.train()
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Logits ``[batch, seq, vocab]``."""

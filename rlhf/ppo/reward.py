@@ -1,0 +1,103 @@
+"""Reward-model scorers for PPO: a separate model, or an adapter on the policy's own base."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from rlhf.models.loading import ModelSettings
+from rlhf.ppo.rollout import Scorer, trunk_hidden
+from rlhf.ppo.settings import RewardSettings
+from rlhf.rm.model import last_token_index, load_reward_model, read_reward_model_info
+
+log = logging.getLogger("rlhf.ppo")
+
+REWARD = "reward"
+
+
+class SeparateModelScorer(nn.Module):
+    """Scores with a stand-alone :class:`rlhf.rm.model.RewardModel` (its own weights)."""
+
+    def __init__(self, reward_model: nn.Module) -> None:
+        super().__init__()
+        self.reward_model = reward_model.eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.reward_model(input_ids, attention_mask)
+
+
+class SharedBaseScorer(nn.Module):
+    """Scores with the RM's LoRA adapter loaded as adapter ``reward`` on the policy's model:
+    one copy of the base weights serves policy, reference and reward."""
+
+    def __init__(self, policy_model: nn.Module, score_head: nn.Linear, active_adapter: str) -> None:
+        super().__init__()
+        self.policy_model = [policy_model]  # not a submodule: the stage module owns it
+        self.score_head = score_head.requires_grad_(False)
+        self.active_adapter = active_adapter
+
+    @torch.no_grad()
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        model = self.policy_model[0]
+        model.set_adapter(REWARD)
+        try:
+            hidden = trunk_hidden(model, input_ids, attention_mask)
+        finally:
+            model.set_adapter(self.active_adapter)
+        last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_token_index(attention_mask)]
+        return self.score_head(last.float()).squeeze(-1)
+
+
+def _same_model(a: str, b: str) -> bool:
+    return os.path.realpath(os.path.expanduser(a)) == os.path.realpath(os.path.expanduser(b))
+
+
+def load_scorer(
+    settings: RewardSettings, policy_model: nn.Module, base: ModelSettings, tokenizer
+) -> tuple[Scorer, float, float]:
+    """The scorer for ``settings.model`` and the RM's recorded score mean and std.
+
+    Shares the policy's base when the RM was saved as a LoRA adapter on that same base and
+    ``settings.share_base`` is on; otherwise loads the RM as its own model.
+    """
+    path = Path(settings.model)
+    info = read_reward_model_info(path)  # clear error when the path is not a saved RM
+    rm_vocab = None
+    tokenizer_dir = info.get("tokenizer_dir")
+    if tokenizer_dir:
+        from transformers import AutoTokenizer
+
+        rm_vocab = AutoTokenizer.from_pretrained(str(path / tokenizer_dir)).get_vocab()
+        if rm_vocab != tokenizer.get_vocab():
+            raise ValueError(
+                f"the reward model at {path} uses a different tokenizer than the policy "
+                f"({base.name_or_path}); PPO scores token ids directly, so they must match"
+            )
+    mean, std = float(info.get("score_mean", 0.0)), float(info.get("score_std", 1.0))
+    share = (
+        settings.share_base
+        and info.get("adapter_dir")
+        and info.get("base_model")
+        and _same_model(info["base_model"], base.name_or_path)
+        and not base.quantization
+    )
+    device = next(policy_model.parameters()).device
+    if share:
+        from safetensors.torch import load_file
+
+        policy_model.load_adapter(str(path / info["adapter_dir"]), adapter_name=REWARD, is_trainable=False)
+        head_state = load_file(str(path / info["score_head"]))
+        head = nn.Linear(head_state["weight"].shape[1], 1)
+        head.load_state_dict(head_state)
+        active = policy_model.active_adapter
+        log.info("reward model %s shares the policy base (adapter %r)", path, REWARD)
+        return SharedBaseScorer(policy_model, head.to(device), active), mean, std
+    dtype = next(policy_model.parameters()).dtype
+    model = load_reward_model(path, device=device, dtype=dtype)
+    log.info("reward model %s loaded as a separate model", path)
+    return SeparateModelScorer(model), mean, std

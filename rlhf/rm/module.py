@@ -1,0 +1,203 @@
+"""Reward-model stage: Bradley-Terry training on prompt groups of ranked completions."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Any
+
+import torch
+from torchmetrics import MeanMetric, Metric
+
+from rlhf.models.loading import ModelSettings, apply_lora, load_causal_lm
+from rlhf.outputs import atomic_directory, write_stage_marker
+from rlhf.rm.loss import bradley_terry_loss
+from rlhf.rm.metrics import MeanMargin, PairwiseAccuracy, StdMetric
+from rlhf.rm.model import RewardModel
+from rlhf.stage import StageModule
+
+log = logging.getLogger("rlhf.rm")
+
+
+class RewardModule(StageModule):
+    """Trains a :class:`RewardModel` on a :class:`~rlhf.data.ComparisonDataModule`.
+
+    Each step scores every sequence of the batch once (all completions of each prompt group)
+    and takes the Bradley-Terry loss over the batch's ordered pairs. Every dropout of the
+    backbone is set to 0 (the backbone itself stays in train mode, so gradient checkpointing
+    keeps working): dropout would make chosen and rejected scores noisy in different ways.
+
+    Logs ``train/loss``, ``train/accuracy``, ``train/margin`` per step and ``val/loss``,
+    ``val/accuracy``, ``val/margin``, ``val/reward_mean``, ``val/reward_std`` over the whole
+    validation set. When fitting ends it measures the score mean/std on (at most
+    ``stats_max_rows`` sequences of) the training data and saves the model under
+    ``output_dir`` (see :meth:`RewardModel.save_pretrained`) with a stage marker.
+
+    Args:
+        base: the SFT model to start from; with ``base.lora`` only LoRA and the score head
+            train, without it the whole backbone trains.
+        margin_loss: subtract each pair's ``margin`` inside the sigmoid (Llama 2).
+        center_coef: weight of the reward-centering term ``mean(r**2)`` (0 disables it).
+        stats_max_rows: training sequences used for the saved score mean/std (``None``: all).
+        **kwargs: optimizer and output settings of :class:`rlhf.stage.StageModule`.
+    """
+
+    def __init__(
+        self,
+        base: ModelSettings,
+        lr: float = 1e-4,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 0,
+        adam_eps: float = 1e-8,
+        output_dir: str | None = None,
+        margin_loss: bool = False,
+        center_coef: float = 0.0,
+        stats_max_rows: int | None = 2000,
+    ) -> None:
+        super().__init__(base, lr, weight_decay, warmup_steps, adam_eps, output_dir)
+        if center_coef < 0:
+            raise ValueError(f"center_coef must be >= 0, got {center_coef}")
+        if stats_max_rows is not None and stats_max_rows < 2:
+            raise ValueError(f"stats_max_rows must be >= 2 or None, got {stats_max_rows}")
+        self.save_hyperparameters()
+        self.margin_loss = margin_loss
+        self.center_coef = center_coef
+        self.stats_max_rows = stats_max_rows
+        self.model: RewardModel | None = None
+        self.train_accuracy = PairwiseAccuracy()
+        self.train_margin = MeanMargin()
+        self.val_loss = MeanMetric()
+        self.val_accuracy = PairwiseAccuracy()
+        self.val_margin = MeanMargin()
+        self.val_reward_mean = MeanMetric()
+        self.val_reward_std = StdMetric()
+
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        backbone = load_causal_lm(self.base)
+        if self.base.lora:
+            backbone = apply_lora(backbone, self.base.lora)
+        # from_pretrained returns eval mode and Lightning keeps modules' modes; train mode is
+        # needed for gradient checkpointing (dropout is 0 either way).
+        self.model = RewardModel(backbone).train()
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Scores ``[n_seq]`` (fp32)."""
+        return self.model(input_ids, attention_mask)
+
+    def _pairs(self, batch: dict[str, torch.Tensor]):
+        scores = self(batch["input_ids"], batch["attention_mask"])
+        chosen = scores[batch["chosen_index"]]
+        rejected = scores[batch["rejected_index"]]
+        margin = batch["margin"] if self.margin_loss else None
+        loss, stats = bradley_terry_loss(chosen, rejected, margin, self.center_coef, scores)
+        return scores, chosen, rejected, loss, stats
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        scores, chosen, rejected, loss, stats = self._pairs(batch)
+        n_pairs = chosen.shape[0]
+        self.train_accuracy(chosen, rejected)
+        self.train_margin(chosen, rejected)
+        self.log("train/loss", loss, prog_bar=True, batch_size=n_pairs)
+        self.log("train/accuracy", self.train_accuracy, on_step=True, on_epoch=False)
+        self.log("train/margin", self.train_margin, on_step=True, on_epoch=False)
+        if self.center_coef:
+            self.log("train/center_loss", stats["center_loss"], batch_size=scores.shape[0])
+        return loss
+
+    def _metrics(self) -> list[Metric]:
+        return [m for m in self.children() if isinstance(m, Metric)]
+
+    def on_fit_start(self) -> None:
+        # A ``trainer.validate`` before ``fit`` (validate_before_fit) resets the metrics under
+        # inference mode, leaving inference-tensor states that the fit loop's validation (run
+        # under no_grad) cannot update in place; fresh states fix that.
+        with torch.inference_mode(False):
+            for metric in self._metrics():
+                metric.reset()
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        scores, chosen, rejected, loss, _ = self._pairs(batch)
+        self.val_loss.update(loss.detach(), weight=chosen.shape[0])
+        self.val_accuracy.update(chosen, rejected)
+        self.val_margin.update(chosen, rejected)
+        self.val_reward_mean.update(scores.detach())
+        self.val_reward_std.update(scores)
+        # Metric objects: Lightning computes them over the epoch (and processes), then resets.
+        self.log("val/loss", self.val_loss, on_step=False, on_epoch=True)
+        self.log("val/accuracy", self.val_accuracy, on_step=False, on_epoch=True, prog_bar=True)
+        self.log("val/margin", self.val_margin, on_step=False, on_epoch=True)
+        self.log("val/reward_mean", self.val_reward_mean, on_step=False, on_epoch=True)
+        self.log("val/reward_std", self.val_reward_std, on_step=False, on_epoch=True)
+
+    # -- outputs ---------------------------------------------------------------------------
+    def _forward_context(self):
+        plugin = getattr(self.trainer, "precision_plugin", None)
+        return plugin.forward_context() if plugin is not None else contextlib.nullcontext()
+
+    @torch.no_grad()
+    def score_statistics(self, loader: Any, max_rows: int | None = None) -> dict[str, float]:
+        """Mean and sample std of the scores of (at most ``max_rows``) sequences of ``loader``."""
+        std = StdMetric().to(self.device)
+        mean = MeanMetric().to(self.device)
+        rows = 0
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            for batch in loader:
+                ids, mask = batch["input_ids"], batch["attention_mask"]
+                if max_rows is not None:
+                    ids, mask = ids[: max_rows - rows], mask[: max_rows - rows]
+                with self._forward_context():
+                    scores = self(ids.to(self.device), mask.to(self.device))
+                std.update(scores)
+                mean.update(scores)
+                rows += scores.shape[0]
+                if max_rows is not None and rows >= max_rows:
+                    break
+        finally:
+            self.model.train(was_training)
+        return {"score_mean": float(mean.compute()), "score_std": float(std.compute()), "rows": rows}
+
+    def _data_settings(self) -> dict[str, Any]:
+        """How the training data was formatted, so scoring can format prompts the same way."""
+        data = getattr(self.trainer, "datamodule", None)
+        if data is None:
+            return {}
+        formatter = getattr(data, "formatter", None)
+        return {
+            "use_chat_template": getattr(formatter, "use_chat_template", data.use_chat_template),
+            "system_prompt": data.system_prompt,
+            "max_length": data.max_length,
+            "max_prompt_length": data.max_prompt_length,
+        }
+
+    def save_outputs(self, output_dir: str) -> None:
+        """``model/`` (+ ``adapter/`` with LoRA), score head, ``reward_model.json``, marker."""
+        stats: dict[str, Any] = {}
+        data = getattr(self.trainer, "datamodule", None)
+        if data is not None and getattr(data, "train_dataset", None):
+            stats = self.score_statistics(data.train_dataloader(), self.stats_max_rows)
+            self.model.score_mean, self.model.score_std = stats["score_mean"], stats["score_std"]
+            log.info("training scores: mean %.4f, std %.4f over %d sequences",
+                     stats["score_mean"], stats["score_std"], stats["rows"])
+        else:
+            log.warning("no training data to measure score statistics on; saving mean 0, std 1")
+        metrics = self.logged_metrics()
+        info: dict[str, Any] = {
+            "stage": "rm",
+            "base": self.base.name_or_path,
+            "metrics": metrics,
+            "metrics_before_fit": self.metrics_before_fit,
+            "val_accuracy": metrics.get("val/accuracy"),
+            "global_step": int(self.trainer.global_step),
+            "score_stats_rows": stats.get("rows", 0),
+        }
+        with atomic_directory(output_dir) as tmp:
+            saved = self.model.save_pretrained(
+                tmp, tokenizer=self.tokenizer, merge=True, extra={"data": self._data_settings()}
+            )
+            info.update({k: saved[k] for k in ("model_dir", "adapter_dir", "score_mean", "score_std")})
+            write_stage_marker(tmp, info)
+        log.info("saved reward model to %s", output_dir)
