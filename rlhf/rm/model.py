@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 from pathlib import Path
 from typing import Any
@@ -84,7 +83,8 @@ class RewardModel(nn.Module):
     Args:
         backbone: a ``PreTrainedModel`` (causal LM) or a ``PeftModel`` wrapping one.
         score_head: ``nn.Linear(hidden, 1)``; ``None`` creates one (fp32, weight
-            ~ N(0, 1/sqrt(hidden+1)), bias 0).
+            initialised to zero: every score starts at 0 (loss ln 2), with no random
+            preference between completions to unlearn first).
         score_mean, score_std: statistics of the scores on the training data, saved with the
             model; :meth:`normalize` uses them.
         no_dropout: set every dropout of the backbone to 0 (see :func:`disable_dropout`); the
@@ -104,7 +104,7 @@ class RewardModel(nn.Module):
         hidden = self.hidden_size
         if score_head is None:
             score_head = nn.Linear(hidden, 1)
-            nn.init.normal_(score_head.weight, std=1.0 / math.sqrt(hidden + 1))
+            nn.init.zeros_(score_head.weight)
             nn.init.zeros_(score_head.bias)
         if score_head.in_features != hidden or score_head.out_features != 1:
             raise ValueError(
