@@ -123,3 +123,32 @@ def test_critic_free_estimators_learn(tmp_path, tiny_policy_dir, estimator):
     assert last > first + 0.5, (first, last)
     assert "value/loss" not in history[-1]
 
+
+
+def test_best_of_n_returns_the_best_scored_sample(tmp_path, tiny_policy_dir):
+    torch.manual_seed(0)
+    module = make_module(tiny_policy_dir)
+    module.configure_model()
+    data = prompts(tmp_path)
+    data.tokenizer_name = str(tiny_policy_dir)
+    data.setup("fit")
+    batch = next(iter(data.train_dataloader()))
+    texts, best = module.best_of_n(batch["input_ids"], batch["attention_mask"], n=8)
+    assert len(texts) == len(best) == batch["input_ids"].shape[0]
+    torch.manual_seed(0)
+    _, single = module.best_of_n(batch["input_ids"], batch["attention_mask"], n=1)
+    assert best.mean() > single.mean()
+
+
+def test_kl_controller_state_and_iteration_travel_in_checkpoints(tmp_path, tiny_policy_dir):
+    module = make_module(tiny_policy_dir, kl=KLSettings(coef=0.1, adaptive=True, target=1.0), iterations=3)
+    fit(module, prompts(tmp_path), tmp_path)
+    checkpoint = {"state_dict": module.state_dict()}
+    module.on_save_checkpoint(checkpoint)
+    assert checkpoint["ppo"]["iteration"] == 3
+    assert checkpoint["ppo"]["kl_controller"]["value"] != 0.1  # the adaptive controller moved
+    assert all(".policy." in k or k.startswith("value_head.") for k in checkpoint["state_dict"])
+    fresh = make_module(tiny_policy_dir, kl=KLSettings(coef=0.1, adaptive=True, target=1.0))
+    fresh.on_load_checkpoint(checkpoint)
+    assert fresh.iteration == 3
+    assert fresh.kl_controller.value == module.kl_controller.value

@@ -29,6 +29,7 @@ from rlhf.data.records import conversation_text
 from rlhf.models.loading import ModelSettings, apply_lora, load_causal_lm
 from rlhf.outputs import atomic_directory, write_stage_marker
 from rlhf.ppo.advantages import (
+    best_of_n_indices,
     explained_variance,
     gae,
     grpo_advantages,
@@ -292,6 +293,30 @@ class PPOModule(StageModule):
             values=values, raw_scores=raw_scores, scores=scores, kl=kl, rewards=rewards,
             advantages=advantages, returns=returns, has_eos=has_eos,
         )
+
+    @torch.no_grad()
+    def best_of_n(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, n: int
+    ) -> tuple[list[str], torch.Tensor]:
+        """Best-of-``n`` sampling (evaluation): sample ``n`` responses per left-padded prompt
+        ``[B, P]`` from the policy and keep the one the scorer ranks highest.
+
+        Returns the ``B`` chosen responses as text and their raw scores ``[B]``.
+        """
+        self.model.eval()
+        eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
+        prompt_ids = input_ids.repeat_interleave(n, dim=0)
+        prompt_mask = attention_mask.repeat_interleave(n, dim=0)
+        responses = sample_responses(self.model, prompt_ids, prompt_mask, self.sampling, eos, pad)
+        ids, mask, response_mask, _ = assemble_sequences(prompt_ids, prompt_mask, responses, eos, pad)
+        scores = self.scorer(ids, mask).float()
+        best = best_of_n_indices(scores, n)
+        start = prompt_ids.shape[1]
+        texts = [
+            self.tokenizer.decode(ids[i, start:][response_mask[i].bool()], skip_special_tokens=True)
+            for i in best.tolist()
+        ]
+        return texts, scores[best]
 
     # -- update --------------------------------------------------------------------------------
     def minibatch_loss(self, mb: Rollout) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
