@@ -48,7 +48,7 @@ from rlhf.ppo.rollout import (
     trunk_hidden,
 )
 from rlhf.ppo.settings import KLSettings, RewardSettings, SamplingSettings, UpdateSettings
-from rlhf.stage import StageModule, warmup_linear_decay
+from rlhf.stage import StageModule
 
 log = logging.getLogger("rlhf.ppo")
 
@@ -191,15 +191,6 @@ class PPOModule(StageModule):
 
     def total_steps(self) -> int:
         return self.iterations * self.optimizer_steps_per_iteration()
-
-    def configure_optimizers(self) -> dict[str, Any]:
-        optimizer = torch.optim.AdamW(
-            self.trainable_parameters(), lr=self.lr, weight_decay=self.weight_decay, eps=self.adam_eps
-        )
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, warmup_linear_decay(self.warmup_steps, self.total_steps())
-        )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     # -- forward passes ----------------------------------------------------------------------
     def _values_from(self, hidden: torch.Tensor) -> torch.Tensor:
