@@ -11,7 +11,7 @@ from rlhf.data.datamodules import PromptDataModule
 from rlhf.data.sources import DataSource
 from rlhf.models.loading import LoraSettings, ModelSettings, load_causal_lm
 from rlhf.ppo.module import PPOModule
-from rlhf.ppo.rollout import position_ids_from_mask
+from rlhf.models.forward import position_ids_from_mask
 from rlhf.ppo.losses import logprobs_from_logits
 from rlhf.ppo.settings import KLSettings, SamplingSettings, UpdateSettings
 

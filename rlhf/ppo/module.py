@@ -26,6 +26,7 @@ from peft import PeftModel
 from torch import nn
 
 from rlhf.data.records import conversation_text
+from rlhf.models.forward import disable_dropout
 from rlhf.models.loading import ModelSettings, apply_lora, load_causal_lm
 from rlhf.outputs import atomic_directory, write_stage_marker
 from rlhf.ppo.advantages import (
@@ -54,13 +55,6 @@ log = logging.getLogger("rlhf.ppo")
 
 POLICY = "policy"
 VALUE = "value"
-
-
-def disable_dropout(model: nn.Module) -> None:
-    """Set every dropout probability to 0 (policy, reference, value and reward passes)."""
-    for module in model.modules():
-        if isinstance(module, nn.Dropout):
-            module.p = 0.0
 
 
 class PPOModule(StageModule):

@@ -14,14 +14,10 @@ import torch
 from torch import nn
 from transformers import GenerationConfig
 
+from rlhf.models.forward import position_ids_from_mask
 from rlhf.ppo.losses import logprobs_from_logits
 from rlhf.ppo.masks import response_mask_from_eos
 from rlhf.ppo.settings import SamplingSettings
-
-
-def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions ``[batch, seq]`` counting real tokens only, so left padding shifts nothing."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 def causal_lm_of(model: nn.Module) -> nn.Module:
