@@ -70,18 +70,27 @@ class Comparison:
 
 @dataclass(frozen=True)
 class Ranking:
-    """A prompt with K >= 2 completions ordered best first."""
+    """A prompt with K >= 2 completions, ordered best first, or ranked by ``ranks``.
+
+    ``ranks[i]`` is completion ``i``'s rank (1 = best; equal ranks are ties and give no
+    pair). ``None`` means the completions are already ordered best first.
+    """
 
     prompt: Conversation
     completions: tuple[str, ...]
+    ranks: tuple[int, ...] | None = None
 
     def pairs(self) -> list[tuple[int, int]]:
-        """All K·(K-1)/2 ordered index pairs ``(better, worse)``, e.g. K=3 -> (0,1),(0,2),(1,2)."""
+        """The ordered index pairs ``(better, worse)``: all K·(K-1)/2 of them without ties,
+        e.g. K=3 -> (0,1),(0,2),(1,2); with ``ranks``, every pair of different rank."""
         k = len(self.completions)
-        return [(i, j) for i in range(k) for j in range(i + 1, k)]
+        if self.ranks is None:
+            return [(i, j) for i in range(k) for j in range(i + 1, k)]
+        r = self.ranks
+        return [(i, j) for i in range(k) for j in range(k) if r[i] < r[j]]
 
     def to_comparisons(self) -> list[Comparison]:
-        """The ranking as all its ordered comparisons (best-first order preserved)."""
+        """The ranking as all its ordered comparisons."""
         return [
             Comparison(self.prompt, self.completions[i], self.completions[j])
             for i, j in self.pairs()

@@ -4,7 +4,8 @@ Three schemas:
 
 * ``fields``: one column per canonical field (remappable with ``DataSource.fields``):
   demonstration ``prompt, response`` (or ``messages``); comparison ``prompt, chosen,
-  rejected[, margin]``; ranking ``prompt, completions`` (best first); prompt ``prompt``.
+  rejected[, margin]``; ranking ``prompt, completions`` (best first, or ranked by an optional
+  ``ranks`` list, 1 = best, ties allowed); prompt ``prompt``.
   A prompt is a string or a list of ``{"role", "content"}`` messages.
 * ``hh_rlhf``: Anthropic HH-RLHF rows ``{"chosen", "rejected"}``, each a whole dialogue
   ``"\\n\\nHuman: ...\\n\\nAssistant: ..."`` sharing everything before the last Assistant turn.
@@ -40,7 +41,9 @@ OnBadRow = Literal["error", "skip"]
 
 #: Canonical field names each schema reads (keys allowed in ``DataSource.fields``).
 SCHEMA_FIELDS: dict[str, tuple[str, ...]] = {
-    "fields": ("prompt", "response", "messages", "chosen", "rejected", "margin", "completions"),
+    "fields": (
+        "prompt", "response", "messages", "chosen", "rejected", "margin", "completions", "ranks"
+    ),
     "hh_rlhf": ("chosen", "rejected"),
     "alpaca": ("instruction", "input", "output", "history"),
 }
@@ -213,7 +216,25 @@ def _fields_ranking(row: _Row) -> Ranking:
         raise RowProblem("completions", "too few completions", problem)
     if len({c.strip() for c in completions}) < len(completions):
         raise RowProblem("completions", "duplicate completions")
-    return Ranking(prompt, completions)
+    return Ranking(prompt, completions, _ranks(row, len(completions)))
+
+
+def _ranks(row: _Row, k: int) -> tuple[int, ...] | None:
+    """The optional ``ranks`` column: one integer per completion, 1 = best, ties allowed."""
+    if row.column("ranks") not in row.data:
+        return None
+    value = row.data[row.column("ranks")]
+    if value is None or (isinstance(value, (list, tuple)) and all(r is None for r in value)):
+        raise RowProblem("ranks", "ranks not filled in", "ranks not filled in (null): rank the completions, 1 = best")
+    if not isinstance(value, (list, tuple)) or not all(
+        isinstance(r, int) and not isinstance(r, bool) for r in value
+    ):
+        raise RowProblem("ranks", "wrong type", f"expected a list of integers, got {value!r}")
+    if len(value) != k:
+        raise RowProblem("ranks", "wrong length", f"{len(value)} ranks for {k} completions")
+    if len(set(value)) < 2:
+        raise RowProblem("ranks", "all tied", "every completion has the same rank: no preference")
+    return tuple(value)
 
 
 def _fields_preference(row: _Row) -> Comparison | Ranking:

@@ -76,6 +76,8 @@ class PPOModule(StageModule):
             critic, one more trunk pass per forward).
         iterations: PPO iterations to run (the LR anneals to 0 over them).
         sample_every: log a prompt/response/reward table every this many iterations.
+        gold: a gold reward function (:data:`rlhf.gold.GOLD_FUNCTIONS`, e.g. ``vader``) to
+            log as ``gold/mean`` beside the RM score on every rollout (overoptimisation runs).
         lr, weight_decay, warmup_steps, adam_eps, output_dir: see :class:`StageModule`.
     """
 
@@ -91,6 +93,7 @@ class PPOModule(StageModule):
         critic: Literal["shared", "adapter"] = "shared",
         iterations: int = 100,
         sample_every: int = 10,
+        gold: str | None = None,
         lr: float = 1e-5,
         weight_decay: float = 0.0,
         warmup_steps: int = 0,
@@ -113,6 +116,11 @@ class PPOModule(StageModule):
         self.critic = critic
         self.iterations = iterations
         self.sample_every = sample_every
+        self.gold = gold
+        if gold is not None:
+            from rlhf.gold import gold_function
+
+            gold_function(gold)  # unknown names fail at construction
         self.kl_controller = (
             AdaptiveKLController(self.kl_settings.coef, self.kl_settings.target, self.kl_settings.horizon)
             if self.kl_settings.adaptive
@@ -364,7 +372,7 @@ class PPOModule(StageModule):
     def rollout_metrics(self, r: Rollout, prefix: str = "") -> dict[str, float]:
         """Reward, KL and response metrics of a rollout (names as in DESIGN.md)."""
         kl_per_seq = masked_sum(r.kl, r.response_mask, dim=1)
-        return {
+        metrics = {
             f"{prefix}reward/mean": float(r.raw_scores.mean()),
             f"{prefix}reward/std": float(r.raw_scores.std()) if len(r) > 1 else 0.0,
             f"{prefix}reward/normalized_mean": float(r.scores.mean()),
@@ -373,6 +381,19 @@ class PPOModule(StageModule):
             f"{prefix}response/length": float(r.response_mask.sum(dim=1).float().mean()),
             f"{prefix}response/eos_frac": float(r.has_eos.float().mean()),
         }
+        if self.gold is not None:
+            from rlhf.gold import gold_function
+
+            texts = [self.tokenizer.decode(ids, skip_special_tokens=True) for ids in self.response_ids(r)]
+            metrics[f"{prefix}gold/mean"] = sum(gold_function(self.gold)(texts)) / max(1, len(texts))
+        return metrics
+
+    @staticmethod
+    def response_ids(r: Rollout) -> list[list[int]]:
+        """Each sequence's response tokens (up to and including EOS)."""
+        return [
+            r.input_ids[i, r.response_start :][r.response_mask[i].bool()].tolist() for i in range(len(r))
+        ]
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         rollout = self.make_rollout(batch)
@@ -449,6 +470,7 @@ class PPOModule(StageModule):
             "iterations": self.iteration,
             "kl_controller": self.kl_controller.state_dict(),
             "metrics": self.logged_metrics(),
+            "metrics_before_fit": self.metrics_before_fit,
         }
         with atomic_directory(output_dir) as tmp:
             self.model.save_pretrained(tmp / "adapter", selected_adapters=[POLICY])

@@ -1,0 +1,444 @@
+"""Compare policies on held-out prompts under a reward model.
+
+    python -m rlhf.evaluate --reward outputs/quickstart/rm --reference outputs/quickstart/sft \\
+        --policy sft=outputs/quickstart/sft --policy ppo=outputs/quickstart/ppo \\
+        --data data/hh-rlhf/helpful-rejection-sampled/test.jsonl.gz --schema hh_rlhf \\
+        --split val --val-fraction 0.03 --split-seed 0 --out outputs/quickstart/eval
+
+Each policy samples ``--samples-per-prompt`` responses to every prompt (the same seed for
+every policy). Reported per policy: mean raw RM score and its standard error, KL to the
+reference (summed over the response; temperature-scaled log-probs, as PPO's ``kl/mean``),
+response length and EOS rate; for every policy after the first, its win rate against the
+first under the RM (ties count half) and the mean paired score difference, with standard
+errors over prompts. ``--split val`` keeps exactly the prompts a :class:`PromptDataModule`
+with the same files, ``val_fraction`` and ``split_seed`` held out from PPO.
+
+Writes ``report.json`` (all numbers and every sampled row) and ``report.md`` (tables and
+side-by-side samples) to ``--out``; logs the same numbers to W&B when a run is active.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import statistics
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rlhf.data.datamodules import PromptDataModule
+from rlhf.data.records import conversation_text
+from rlhf.data.sources import DataSource
+from rlhf.outputs import atomic_directory
+from rlhf.policies import (
+    generate,
+    load_policy,
+    prompt_batches,
+    resolve_model_dir,
+    response_logprob_sums,
+    same_model,
+)
+from rlhf.ppo.settings import SamplingSettings
+
+log = logging.getLogger("rlhf.evaluate")
+
+
+# ---------------------------------------------------------------------------------- numbers
+@dataclass
+class SampleRow:
+    """One sampled response: prompt ``prompt_id``, sample ``sample`` of policy ``policy``."""
+
+    policy: str
+    prompt_id: int
+    sample: int
+    prompt: str
+    response: str
+    reward: float
+    kl: float
+    length: int
+    eos: bool
+
+
+def mean_and_se(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and standard error of the mean (0 for fewer than 2 values)."""
+    values = list(values)
+    if not values:
+        return float("nan"), float("nan")
+    mean = statistics.fmean(values)
+    se = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else 0.0
+    return mean, se
+
+
+def _per_prompt(rows: Sequence[SampleRow], attr: str) -> dict[int, float]:
+    """The mean of ``attr`` over each prompt's samples (the unit errors are computed over)."""
+    groups: dict[int, list[float]] = {}
+    for row in rows:
+        groups.setdefault(row.prompt_id, []).append(float(getattr(row, attr)))
+    return {p: statistics.fmean(v) for p, v in groups.items()}
+
+
+def policy_summary(rows: Sequence[SampleRow]) -> dict[str, float]:
+    """Reward, KL, length and EOS rate of one policy's rows, with standard errors over prompts."""
+    reward, reward_se = mean_and_se(list(_per_prompt(rows, "reward").values()))
+    kl, kl_se = mean_and_se(list(_per_prompt(rows, "kl").values()))
+    length, length_se = mean_and_se(list(_per_prompt(rows, "length").values()))
+    return {
+        "reward_mean": reward,
+        "reward_se": reward_se,
+        "kl_mean": kl,
+        "kl_se": kl_se,
+        "length_mean": length,
+        "length_se": length_se,
+        "eos_rate": statistics.fmean(float(r.eos) for r in rows) if rows else float("nan"),
+        "prompts": len({r.prompt_id for r in rows}),
+        "samples": len(rows),
+    }
+
+
+def head_to_head(baseline: Sequence[SampleRow], challenger: Sequence[SampleRow]) -> dict[str, float]:
+    """Win rate of ``challenger`` over ``baseline`` under the RM, and the paired score difference.
+
+    Sample ``i`` of a prompt is compared with sample ``i`` of the other policy for the same
+    prompt; a tie counts half. Means are over prompts (each prompt's mean over its samples),
+    standard errors over prompts.
+    """
+    base = {(r.prompt_id, r.sample): r.reward for r in baseline}
+    wins: dict[int, list[float]] = {}
+    diffs: dict[int, list[float]] = {}
+    for row in challenger:
+        key = (row.prompt_id, row.sample)
+        if key not in base:
+            continue
+        other = base[key]
+        win = 1.0 if row.reward > other else 0.5 if row.reward == other else 0.0
+        wins.setdefault(row.prompt_id, []).append(win)
+        diffs.setdefault(row.prompt_id, []).append(row.reward - other)
+    if not wins:
+        raise ValueError("the two policies share no (prompt, sample) to compare")
+    win, win_se = mean_and_se([statistics.fmean(v) for v in wins.values()])
+    diff, diff_se = mean_and_se([statistics.fmean(v) for v in diffs.values()])
+    return {
+        "win_rate": win,
+        "win_rate_se": win_se,
+        "reward_diff": diff,
+        "reward_diff_se": diff_se,
+        "pairs": sum(len(v) for v in wins.values()),
+        "prompts": len(wins),
+    }
+
+
+@dataclass
+class Report:
+    """Everything an evaluation measured."""
+
+    settings: dict[str, Any]
+    policies: dict[str, dict[str, float]]
+    comparisons: list[dict[str, Any]]
+    rows: list[SampleRow] = field(default_factory=list)
+
+    @classmethod
+    def from_rows(cls, rows: Sequence[SampleRow], order: Sequence[str], settings: dict[str, Any]) -> Report:
+        """Summaries of each policy in ``order`` and of each later policy against the first."""
+        by_policy = {name: [r for r in rows if r.policy == name] for name in order}
+        comparisons = [
+            {"baseline": order[0], "policy": name, **head_to_head(by_policy[order[0]], by_policy[name])}
+            for name in order[1:]
+        ]
+        return cls(settings, {n: policy_summary(by_policy[n]) for n in order}, comparisons, list(rows))
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "settings": self.settings,
+            "policies": self.policies,
+            "comparisons": self.comparisons,
+            "rows": [asdict(r) for r in self.rows],
+        }
+
+    def to_markdown(self, show: int = 5) -> str:
+        """Tables of the summaries and ``show`` side-by-side samples (first sample per prompt)."""
+        s = self.settings
+        lines = [
+            "# Policy evaluation",
+            "",
+            f"Reward model `{s['reward']}`; reference `{s['reference']}`; "
+            f"{s['prompts']} held-out prompts x {s['samples_per_prompt']} samples; "
+            f"temperature {s['temperature']}, up to {s['max_new_tokens']} new tokens.",
+            "",
+            "| policy | RM reward (mean ± SE) | KL to reference | length | EOS rate |",
+            "| --- | --- | --- | --- | --- |",
+        ]
+        for name, p in self.policies.items():
+            lines.append(
+                f"| {name} | {p['reward_mean']:+.4f} ± {p['reward_se']:.4f} | "
+                f"{p['kl_mean']:.3f} ± {p['kl_se']:.3f} | {p['length_mean']:.1f} | {p['eos_rate']:.2f} |"
+            )
+        if self.comparisons:
+            lines += [
+                "",
+                "| policy vs baseline | win rate under the RM (± SE) | reward difference (± SE) | pairs |",
+                "| --- | --- | --- | --- |",
+            ]
+            for c in self.comparisons:
+                lines.append(
+                    f"| {c['policy']} vs {c['baseline']} | {c['win_rate']:.3f} ± {c['win_rate_se']:.3f} | "
+                    f"{c['reward_diff']:+.4f} ± {c['reward_diff_se']:.4f} | {c['pairs']} |"
+                )
+        names = list(self.policies)
+        first = {(r.policy, r.prompt_id): r for r in self.rows if r.sample == 0}
+        prompt_ids = sorted({r.prompt_id for r in self.rows})[:show]
+        if prompt_ids:
+            lines += ["", "## Samples", ""]
+        for pid in prompt_ids:
+            prompt = next(r.prompt for r in self.rows if r.prompt_id == pid)
+            lines += [f"### Prompt {pid}", "", _quote(prompt), ""]
+            for name in names:
+                row = first.get((name, pid))
+                if row is not None:
+                    lines += [f"**{name}** (reward {row.reward:+.4f}, KL {row.kl:.2f}):", "", _quote(row.response), ""]
+        return "\n".join(lines) + "\n"
+
+
+def _quote(text: str) -> str:
+    return "\n".join("> " + line for line in (text.strip() or "(empty)").splitlines())
+
+
+# ---------------------------------------------------------------------------------- sampling
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _autocast(device: torch.device, precision: str):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16-mixed")
+
+
+@torch.no_grad()
+def sample_policy(
+    name: str,
+    model: torch.nn.Module,
+    reference: torch.nn.Module,
+    reward_model: torch.nn.Module,
+    tokenizer: Any,
+    batches: Sequence[dict[str, torch.Tensor]],
+    texts: Sequence[str],
+    sampling: SamplingSettings,
+    samples_per_prompt: int,
+    seed: int,
+    device: torch.device,
+    precision: str = "32",
+    progress: bool = True,
+) -> list[SampleRow]:
+    """Sample, score and measure KL for one policy over every prompt batch."""
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    pad = eos if pad is None else pad
+    torch.manual_seed(seed)  # the same random stream for every policy
+    rows: list[SampleRow] = []
+    total = len(texts) * samples_per_prompt
+    bar = _progress_bar(total, f"sampling {name}", progress)
+    for sample in range(samples_per_prompt):
+        for batch in batches:
+            ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+            with _autocast(device, precision):
+                gen = generate(model, ids, mask, sampling, eos, pad)
+                logp = response_logprob_sums(model, gen, sampling.temperature)
+                ref = logp if reference is model else response_logprob_sums(reference, gen, sampling.temperature)
+                rewards = reward_model(gen.input_ids, gen.attention_mask).float()
+            for i in range(len(gen.input_ids)):
+                pid = int(batch["index"][i])
+                rows.append(
+                    SampleRow(
+                        policy=name,
+                        prompt_id=pid,
+                        sample=sample,
+                        prompt=texts[pid],
+                        response=tokenizer.decode(gen.response_ids(i), skip_special_tokens=True),
+                        reward=float(rewards[i]),
+                        kl=float(logp[i] - ref[i]),
+                        length=int(gen.lengths[i]),
+                        eos=bool(gen.has_eos[i]),
+                    )
+                )
+            if bar is not None:
+                bar.update(len(gen.input_ids))
+    if bar is not None:
+        bar.close()
+    return rows
+
+
+def _progress_bar(total: int, desc: str, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="resp", file=sys.stderr)
+
+
+def check_reward_tokenizer(reward: str | Path, tokenizer: Any) -> None:
+    """Raise when the reward model saved a tokenizer with another vocabulary: scores are read
+    from the policies' token ids directly."""
+    from transformers import AutoTokenizer
+
+    from rlhf.rm.model import read_reward_model_info
+
+    tokenizer_dir = read_reward_model_info(reward).get("tokenizer_dir")
+    if tokenizer_dir and AutoTokenizer.from_pretrained(str(Path(reward) / tokenizer_dir)).get_vocab() != tokenizer.get_vocab():
+        raise ValueError(f"the reward model at {reward} uses a different tokenizer than the policies")
+
+
+def evaluate(
+    policies: dict[str, str],
+    reward: str,
+    reference: str,
+    data: PromptDataModule,
+    sampling: SamplingSettings,
+    split: str = "val",
+    limit: int | None = None,
+    samples_per_prompt: int = 1,
+    seed: int = 0,
+    device: str = "auto",
+    precision: str = "bf16-mixed",
+    progress: bool = True,
+) -> Report:
+    """Sample every policy on the same held-out prompts and summarise (see the module doc).
+
+    Args:
+        policies: name -> policy (stage output or model dir); the first is the baseline.
+        reward: a saved reward model (``rlhf.rm`` output).
+        reference: the KL reference policy (usually the SFT output PPO started from).
+        data: a prompt data module (its tokenizer must be the policies' and the RM's).
+    """
+    from rlhf.rm.model import load_reward_model
+
+    if not policies:
+        raise ValueError("no policies to evaluate")
+    dev = _device(device)
+    batches, prompts = prompt_batches(data, split, limit)
+    texts = [conversation_text(p) for p in prompts]
+    tokenizer = data.tokenizer
+    check_reward_tokenizer(reward, tokenizer)
+    reward_model = load_reward_model(reward, device=dev)
+    ref_model = load_policy(reference, dev)
+    rows: list[SampleRow] = []
+    for name, path in policies.items():
+        log.info("policy %s: %s", name, resolve_model_dir(path))
+        model = ref_model if same_model(path, reference) else load_policy(path, dev)
+        rows += sample_policy(
+            name, model, ref_model, reward_model, tokenizer, batches, texts, sampling,
+            samples_per_prompt, seed, dev, precision, progress,
+        )
+        if model is not ref_model:
+            del model
+    settings = {
+        "policies": dict(policies),
+        "reward": str(reward),
+        "reference": str(reference),
+        "split": split,
+        "prompts": len(texts),
+        "samples_per_prompt": samples_per_prompt,
+        "seed": seed,
+        "precision": precision,
+        **asdict(sampling),
+    }
+    return Report.from_rows(rows, list(policies), settings)
+
+
+def write_report(report: Report, out: str | Path, show: int = 5) -> Path:
+    """Write ``report.json`` and ``report.md`` to ``out`` (atomically); returns ``out``."""
+    with atomic_directory(out) as tmp:
+        (tmp / "report.json").write_text(json.dumps(report.to_json(), indent=2))
+        (tmp / "report.md").write_text(report.to_markdown(show))
+    return Path(out)
+
+
+def log_to_wandb(report: Report) -> bool:
+    """Log the summaries and a sample table to the active W&B run, if there is one."""
+    try:
+        import wandb
+    except ImportError:  # pragma: no cover
+        return False
+    if wandb.run is None:
+        return False
+    metrics = {f"eval/{name}/{k}": v for name, p in report.policies.items() for k, v in p.items()}
+    for c in report.comparisons:
+        metrics.update({f"eval/{c['policy']}_vs_{c['baseline']}/{k}": v for k, v in c.items() if isinstance(v, float)})
+    columns = ["policy", "prompt_id", "sample", "prompt", "response", "reward", "kl", "length", "eos"]
+    metrics["eval/samples"] = wandb.Table(columns=columns, data=[[getattr(r, c) for c in columns] for r in report.rows])
+    wandb.log(metrics)
+    return True
+
+
+# ---------------------------------------------------------------------------------- CLI
+def _named_policy(text: str) -> tuple[str, str]:
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"expected NAME=PATH, got {text!r}")
+    return name, path
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m rlhf.evaluate", description=__doc__.split("\n\n")[0])
+    p.add_argument("--policy", action="append", type=_named_policy, required=True, metavar="NAME=PATH",
+                   help="a policy (stage output or model dir); repeat; the first is the baseline")
+    p.add_argument("--reward", required=True, help="saved reward model (rlhf.rm output)")
+    p.add_argument("--reference", required=True, help="KL reference policy (the SFT output)")
+    p.add_argument("--data", nargs="+", required=True, help="prompt files (as in the PPO config)")
+    p.add_argument("--schema", default="fields", choices=["fields", "hh_rlhf", "alpaca"])
+    p.add_argument("--split", default="val", choices=["val", "train", "all"])
+    p.add_argument("--val-fraction", type=float, default=0.05)
+    p.add_argument("--split-seed", type=int, default=0)
+    p.add_argument("--limit", type=int, default=None, help="use at most this many prompts")
+    p.add_argument("--max-length", type=int, default=512)
+    p.add_argument("--max-prompt-length", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--samples-per-prompt", type=int, default=1)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--precision", default="bf16-mixed", choices=["32", "bf16-mixed"])
+    p.add_argument("--show", type=int, default=5, help="side-by-side samples in report.md")
+    p.add_argument("--out", required=True, help="output directory (report.json, report.md)")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> Report:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    policies = dict(args.policy)
+    if len(policies) != len(args.policy):
+        raise SystemExit("policy names must be unique")
+    data = PromptDataModule(
+        train=[DataSource(path=p, schema=args.schema) for p in args.data],
+        val_fraction=args.val_fraction if args.split != "all" else 0.0,
+        split_seed=args.split_seed,
+        tokenizer=resolve_model_dir(args.reference),
+        max_length=args.max_length,
+        max_prompt_length=args.max_prompt_length,
+        batch_size=args.batch_size,
+        on_bad_row="skip",
+    )
+    sampling = SamplingSettings(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
+    report = evaluate(
+        policies, args.reward, args.reference, data, sampling, split=args.split, limit=args.limit,
+        samples_per_prompt=args.samples_per_prompt, seed=args.seed, device=args.device,
+        precision=args.precision, progress=not args.no_progress,
+    )
+    out = write_report(report, args.out, args.show)
+    log_to_wandb(report)
+    print(report.to_markdown(show=0))
+    print(f"wrote {out / 'report.json'} and {out / 'report.md'}")
+    return report
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,223 @@
+"""Export K sampled responses per prompt as a ranking file, for the next round of labelling.
+
+    python -m rlhf.export --policy outputs/quickstart/ppo --data prompts.jsonl --k 4 \\
+        --out round2/rankings.jsonl                 # ranks left empty for people to fill in
+    python -m rlhf.export ... --gold vader           # ranks from a gold function
+
+InstructGPT's "steps 2 and 3 are repeated": sample from the current policy, have the samples
+ranked, train the next reward model and policy on them. Each output row is what the
+comparison loader reads (schema ``fields``, kind ``ranking``/``preference``)::
+
+    {"prompt": [{"role": "user", "content": "..."}], "completions": ["...", "..."],
+     "ranks": [2, 1], "gold_scores": [0.1, 0.4], "policy": "outputs/quickstart/ppo"}
+
+``ranks`` (1 = best, ties share a rank) is ``null`` until someone fills it in; the loader
+refuses unfilled rows with a message saying so. Duplicate and empty samples are dropped;
+prompts left with fewer than 2 distinct completions (or, with ``--gold``, all tied) are
+skipped and counted. The file is written under a temporary name and renamed when complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rlhf.data.datamodules import PromptDataModule
+from rlhf.data.records import Conversation
+from rlhf.data.sources import DataSource
+from rlhf.gold import GOLD_FUNCTIONS, competition_ranks, gold_function
+from rlhf.policies import generate, load_policy, prompt_batches, resolve_model_dir
+from rlhf.ppo.settings import SamplingSettings
+
+log = logging.getLogger("rlhf.export")
+
+
+@dataclass
+class ExportStats:
+    """How many prompts were written and why others were skipped."""
+
+    written: int = 0
+    too_few_distinct: int = 0
+    all_tied: int = 0
+
+
+def ranking_row(
+    prompt: Conversation,
+    samples: Sequence[str],
+    policy: str,
+    gold: str | None = None,
+) -> tuple[dict[str, Any] | None, str | None]:
+    """One ranking row from a prompt's samples, or ``(None, reason)`` when it is unusable.
+
+    Empty and duplicate samples are dropped (first occurrence kept). With ``gold`` the row
+    carries ``gold_scores`` and the ranks they imply; otherwise ``ranks`` is ``None``.
+    """
+    completions: list[str] = []
+    seen: set[str] = set()
+    for text in samples:
+        key = text.strip()
+        if key and key not in seen:
+            seen.add(key)
+            completions.append(text)
+    if len(completions) < 2:
+        return None, "too_few_distinct"
+    row: dict[str, Any] = {
+        "prompt": [{"role": t.role, "content": t.content} for t in prompt],
+        "completions": completions,
+        "ranks": None,
+        "policy": policy,
+    }
+    if gold is not None:
+        scores = gold_function(gold)(completions)
+        ranks = competition_ranks(scores)
+        if len(set(ranks)) < 2:
+            return None, "all_tied"
+        row.update(ranks=ranks, gold_scores=scores, gold=gold)
+    return row, None
+
+
+@torch.no_grad()
+def sample_k(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    batches: Sequence[dict[str, torch.Tensor]],
+    n_prompts: int,
+    k: int,
+    sampling: SamplingSettings,
+    device: torch.device,
+    precision: str = "bf16-mixed",
+    progress: bool = True,
+) -> list[list[str]]:
+    """``k`` decoded samples for each of ``n_prompts`` prompts (indexed by batch ``index``)."""
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    pad = eos if pad is None else pad
+    samples: list[list[str]] = [[] for _ in range(n_prompts)]
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=n_prompts * k, desc="sampling", unit="resp", file=sys.stderr)
+    for batch in batches:
+        ids = batch["input_ids"].to(device).repeat_interleave(k, dim=0)
+        mask = batch["attention_mask"].to(device).repeat_interleave(k, dim=0)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
+            gen = generate(model, ids, mask, sampling, eos, pad)
+        for row in range(len(ids)):
+            prompt_id = int(batch["index"][row // k])
+            samples[prompt_id].append(tokenizer.decode(gen.response_ids(row), skip_special_tokens=True))
+        if bar is not None:
+            bar.update(len(ids))
+    if bar is not None:
+        bar.close()
+    return samples
+
+
+def write_rankings(rows: Sequence[dict[str, Any]], out: str | Path) -> Path:
+    """Write ``rows`` as JSONL to ``out`` via a temporary file renamed into place."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out
+
+
+def export_rankings(
+    policy: str,
+    data: PromptDataModule,
+    out: str | Path,
+    k: int = 4,
+    sampling: SamplingSettings | None = None,
+    gold: str | None = None,
+    split: str = "train",
+    limit: int | None = None,
+    seed: int = 0,
+    device: str = "auto",
+    precision: str = "bf16-mixed",
+    progress: bool = True,
+) -> ExportStats:
+    """Sample ``k`` responses per prompt from ``policy`` and write the ranking file ``out``."""
+    if k < 2:
+        raise ValueError(f"k must be >= 2 to rank anything, got {k}")
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else "cpu" if device == "auto" else device)
+    batches, prompts = prompt_batches(data, split, limit)
+    model = load_policy(policy, dev)
+    torch.manual_seed(seed)
+    samples = sample_k(model, data.tokenizer, batches, len(prompts), k, sampling or SamplingSettings(), dev, precision, progress)
+    stats = ExportStats()
+    rows = []
+    for prompt, texts in zip(prompts, samples):
+        row, reason = ranking_row(prompt, texts, str(policy), gold)
+        if row is None:
+            setattr(stats, reason, getattr(stats, reason) + 1)
+        else:
+            rows.append(row)
+    stats.written = len(rows)
+    if not rows:
+        raise ValueError(f"no usable prompts to export ({stats})")
+    write_rankings(rows, out)
+    log.info("wrote %d rankings to %s (%s)", len(rows), out, stats)
+    return stats
+
+
+def main(argv: Sequence[str] | None = None) -> ExportStats:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    p = argparse.ArgumentParser(prog="python -m rlhf.export", description=__doc__.split("\n\n")[0])
+    p.add_argument("--policy", required=True, help="stage output or model dir to sample from")
+    p.add_argument("--data", nargs="+", required=True, help="prompt files")
+    p.add_argument("--schema", default="fields", choices=["fields", "hh_rlhf", "alpaca"])
+    p.add_argument("--split", default="train", choices=["val", "train", "all"])
+    p.add_argument("--val-fraction", type=float, default=0.05)
+    p.add_argument("--split-seed", type=int, default=0)
+    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--k", type=int, default=4, help="samples per prompt")
+    p.add_argument("--gold", choices=sorted(GOLD_FUNCTIONS), default=None, help="rank with a gold function")
+    p.add_argument("--max-length", type=int, default=512)
+    p.add_argument("--max-prompt-length", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=8, help="prompts per batch (x k sequences)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--precision", default="bf16-mixed", choices=["32", "bf16-mixed"])
+    p.add_argument("--out", required=True, help="ranking file to write (.jsonl)")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    data = PromptDataModule(
+        train=[DataSource(path=path, schema=args.schema) for path in args.data],
+        val_fraction=args.val_fraction if args.split != "all" else 0.0,
+        split_seed=args.split_seed,
+        tokenizer=resolve_model_dir(args.policy),
+        max_length=args.max_length,
+        max_prompt_length=args.max_prompt_length,
+        batch_size=args.batch_size,
+        on_bad_row="skip",
+    )
+    sampling = SamplingSettings(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
+    stats = export_rankings(
+        args.policy, data, args.out, args.k, sampling, args.gold, args.split, args.limit,
+        args.seed, args.device, args.precision, not args.no_progress,
+    )
+    print(f"wrote {stats.written} prompts x up to {args.k} completions to {args.out} "
+          f"(skipped: {stats.too_few_distinct} with < 2 distinct samples, {stats.all_tied} all tied)")
+    return stats
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

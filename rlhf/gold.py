@@ -1,0 +1,153 @@
+"""Gold reward functions: a known "human" for overoptimisation experiments (Gao et al. 2022).
+
+The gold labeller ranks policy samples, a proxy reward model learns from those ranks, PPO
+optimises the proxy, and the gold score of PPO's samples shows whether the proxy's gains are
+real. ``python -m rlhf.gold plot RUN_DIR`` draws gold and proxy reward against sqrt(KL).
+
+``vader``: VADER (Hutto & Gilbert 2014, a published, rule-based sentiment lexicon on PyPI as
+``vaderSentiment``), scored as the positive minus the negative proportion of the text, in
+``[-1, 1]``. Proportions do not grow with length (VADER's ``compound`` score does: it sums
+word valences before squashing), so a policy cannot raise the gold score by writing more,
+only by writing more positively.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import sys
+from collections.abc import Callable, Sequence
+from functools import lru_cache
+from pathlib import Path
+
+GoldFunction = Callable[[Sequence[str]], list[float]]
+
+
+@lru_cache(maxsize=1)
+def _vader():
+    try:
+        from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+    except ImportError as e:  # pragma: no cover
+        raise ImportError("the 'vader' gold function needs `pip install vaderSentiment`") from e
+    return SentimentIntensityAnalyzer()
+
+
+def vader_positivity(texts: Sequence[str]) -> list[float]:
+    """VADER positive minus negative proportion of each text, in ``[-1, 1]`` (0 for empty)."""
+    analyzer = _vader()
+    scores = []
+    for text in texts:
+        polarity = analyzer.polarity_scores(text)
+        scores.append(float(polarity["pos"] - polarity["neg"]))
+    return scores
+
+
+GOLD_FUNCTIONS: dict[str, GoldFunction] = {"vader": vader_positivity}
+
+
+def gold_function(name: str) -> GoldFunction:
+    """The gold function registered as ``name`` (see :data:`GOLD_FUNCTIONS`)."""
+    if name not in GOLD_FUNCTIONS:
+        raise ValueError(f"unknown gold function {name!r}; known: {sorted(GOLD_FUNCTIONS)}")
+    return GOLD_FUNCTIONS[name]
+
+
+def competition_ranks(scores: Sequence[float]) -> list[int]:
+    """Ranks with 1 = best; equal scores share a rank (``[0.5, 0.9, 0.5] -> [2, 1, 2]``)."""
+    return [1 + sum(other > s for other in scores) for s in scores]
+
+
+# --------------------------------------------------------------------------- the figure
+def read_metrics(run_dir: str | Path) -> list[dict[str, float]]:
+    """Rows of the newest ``csv/version_*/metrics.csv`` under ``run_dir`` (numbers only)."""
+    run_dir = Path(run_dir)
+    files = sorted(run_dir.glob("**/metrics.csv"), key=lambda p: p.stat().st_mtime)
+    if not files:
+        raise FileNotFoundError(f"no metrics.csv under {run_dir}")
+    rows = []
+    with open(files[-1]) as f:
+        for raw in csv.DictReader(f):
+            row = {}
+            for key, value in raw.items():
+                try:
+                    row[key] = float(value)
+                except (TypeError, ValueError):
+                    continue
+            rows.append(row)
+    return rows
+
+
+def gold_proxy_curve(rows: Sequence[dict[str, float]], prefix: str = "") -> dict[str, list[float]]:
+    """``sqrt_kl``, ``proxy`` and ``gold`` series from rows that have all three metrics."""
+    keys = (f"{prefix}kl/mean", f"{prefix}reward/mean", f"{prefix}gold/mean")
+    series: dict[str, list[float]] = {"step": [], "sqrt_kl": [], "proxy": [], "gold": []}
+    for row in rows:
+        if all(k in row and math.isfinite(row[k]) for k in keys):
+            series["step"].append(row.get("step", float(len(series["step"]))))
+            series["sqrt_kl"].append(math.sqrt(max(0.0, row[keys[0]])))
+            series["proxy"].append(row[keys[1]])
+            series["gold"].append(row[keys[2]])
+    return series
+
+
+def _smooth(values: list[float], window: int) -> list[float]:
+    out = []
+    for i in range(len(values)):
+        chunk = values[max(0, i - window + 1) : i + 1]
+        out.append(sum(chunk) / len(chunk))
+    return out
+
+
+def plot_gold_vs_proxy(run_dir: str | Path, out: str | Path, smooth: int = 5) -> Path:
+    """Gold and proxy reward (training rollouts, moving average of ``smooth`` iterations, and
+    held-out validation points when logged) against sqrt(KL to the reference)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(run_dir)
+    train, val = gold_proxy_curve(rows), gold_proxy_curve(rows, "val/")
+    if not train["gold"]:
+        raise ValueError(f"{run_dir}: no rows with kl/mean, reward/mean and gold/mean (was `gold` set?)")
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, key, label in ((axes[0], "proxy", "proxy RM score (raw)"), (axes[1], "gold", "gold score (VADER pos - neg)")):
+        ax.plot(train["sqrt_kl"], train[key], ".", alpha=0.3, label="train rollouts")
+        ax.plot(_smooth(train["sqrt_kl"], smooth), _smooth(train[key], smooth), "-", label=f"moving avg ({smooth})")
+        if val[key]:
+            ax.plot(val["sqrt_kl"], val[key], "o-", color="black", label="held-out prompts")
+        ax.set_xlabel("sqrt(KL to reference) [sqrt nats]")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"gold vs proxy reward during PPO ({Path(run_dir).name})")
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m rlhf.gold", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    plot = sub.add_parser("plot", help="gold and proxy reward vs sqrt(KL) from a PPO run's CSV log")
+    plot.add_argument("run_dir")
+    plot.add_argument("--out", required=True, help="PNG path")
+    plot.add_argument("--smooth", type=int, default=5)
+    score = sub.add_parser("score", help="print the gold score of each line of stdin")
+    score.add_argument("--gold", default="vader", choices=sorted(GOLD_FUNCTIONS))
+    args = p.parse_args(argv)
+    if args.command == "plot":
+        print(f"wrote {plot_gold_vs_proxy(args.run_dir, args.out, args.smooth)}")
+    else:
+        lines = [line.rstrip("\n") for line in sys.stdin]
+        for line, s in zip(lines, gold_function(args.gold)(lines)):
+            print(f"{s:+.4f}\t{line}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,142 @@
+"""Saved policies as plain models: resolving stage outputs, sampling and scoring responses.
+
+What evaluation and export share: a policy is a stage output directory (``outputs/.../sft``,
+``outputs/.../ppo``, found through its ``rlhf_stage.json``) or any Hugging Face model directory
+or Hub id. Batches are the left-padded prompt batches of
+:class:`~rlhf.data.PromptDataModule` (``input_ids``/``attention_mask`` ``[batch, prompt]``).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from rlhf.data.datamodules import PromptDataModule
+from rlhf.data.records import Conversation
+from rlhf.models.loading import ModelSettings, load_causal_lm
+from rlhf.outputs import read_stage_marker
+from rlhf.ppo.masks import masked_sum
+from rlhf.ppo.rollout import assemble_sequences, sample_responses, sequence_logprobs
+from rlhf.ppo.settings import SamplingSettings
+
+
+def resolve_model_dir(path: str | os.PathLike) -> str:
+    """The loadable model behind ``path``: a stage output's merged ``model/`` directory, or
+    ``path`` itself (a model directory or Hub id).
+
+    Raises:
+        ValueError: ``path`` is a stage output that saved no merged model (quantized base).
+    """
+    marker = read_stage_marker(path) if Path(path).is_dir() else None
+    if marker is None:
+        return os.fspath(path)
+    model_dir = marker.get("model_dir")
+    if not model_dir:
+        raise ValueError(
+            f"{path} ({marker.get('stage')} output) has no merged model/ (quantized base?); "
+            f"pass its base model and adapter instead"
+        )
+    return os.fspath(Path(path) / model_dir)
+
+
+def same_model(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Whether two model references resolve to the same directory (or the same Hub id)."""
+    a, b = resolve_model_dir(a), resolve_model_dir(b)
+    return os.path.realpath(os.path.expanduser(a)) == os.path.realpath(os.path.expanduser(b))
+
+
+def load_policy(path: str | os.PathLike, device: torch.device, dtype: str = "auto") -> nn.Module:
+    """Load the model behind ``path`` (see :func:`resolve_model_dir`) in eval mode on ``device``."""
+    model = load_causal_lm(ModelSettings(resolve_model_dir(path), dtype=dtype))
+    return model.to(device).eval()
+
+
+@dataclass
+class Generation:
+    """Sampled responses joined to their prompts.
+
+    Attributes:
+        input_ids, attention_mask: ``[B, P + R]`` (mask 0 on padding and after EOS).
+        response_start: ``P``.
+        response_mask: ``[B, R]`` 1 on response tokens up to and including the first EOS.
+        has_eos: ``[B]`` whether the response ended with EOS.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    response_start: int
+    response_mask: torch.Tensor
+    has_eos: torch.Tensor
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        """Response lengths in tokens ``[B]``."""
+        return self.response_mask.sum(dim=1)
+
+    def response_ids(self, row: int) -> list[int]:
+        """The response tokens of ``row`` (EOS included when present)."""
+        ids = self.input_ids[row, self.response_start :][self.response_mask[row].bool()]
+        return ids.tolist()
+
+
+@torch.no_grad()
+def generate(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    sampling: SamplingSettings,
+    eos_id: int,
+    pad_id: int,
+) -> Generation:
+    """Sample one response per prompt row of a left-padded batch ``[B, P]``."""
+    responses = sample_responses(model, input_ids, attention_mask, sampling, eos_id, pad_id)
+    ids, mask, response_mask, has_eos = assemble_sequences(
+        input_ids, attention_mask, responses, eos_id, pad_id
+    )
+    return Generation(ids, mask, input_ids.shape[1], response_mask, has_eos)
+
+
+@torch.no_grad()
+def response_logprob_sums(model: nn.Module, generation: Generation, temperature: float) -> torch.Tensor:
+    """Summed log-probs ``[B]`` of each response under ``model`` (temperature-scaled logits,
+    as PPO computes them)."""
+    logp, _ = sequence_logprobs(
+        model, generation.input_ids, generation.attention_mask, generation.response_start, temperature
+    )
+    return masked_sum(logp.float(), generation.response_mask.float(), dim=1)
+
+
+def prompt_batches(
+    data: PromptDataModule, split: str = "val", limit: int | None = None
+) -> tuple[list[dict[str, torch.Tensor]], list[Conversation]]:
+    """Left-padded prompt batches of ``split`` (``val``, ``train`` or ``all``) of a prompt data
+    module, and the prompts; a batch's ``index`` ``[batch]`` indexes that prompt list.
+
+    ``val`` is exactly what the data module holds out (same files, ``val_fraction``,
+    ``split_seed``); ``limit`` keeps the first ``limit`` prompts.
+    """
+    if split not in ("val", "train", "all"):
+        raise ValueError(f"split must be val, train or all, got {split!r}")
+    data.setup()
+    parts = {
+        "val": [(data.val_dataset, data.val_units)],
+        "train": [(data.train_dataset, data.train_units)],
+        "all": [(data.train_dataset, data.train_units), (data.val_dataset, data.val_units)],
+    }[split]
+    items: list[dict] = []
+    prompts: list[Conversation] = []
+    for dataset, units in parts:
+        for item in dataset.items:
+            items.append({**item, "index": len(prompts)})
+            prompts.append(units[item["index"]].prompt)
+    if limit is not None:
+        items, prompts = items[:limit], prompts[:limit]
+    if not items:
+        raise ValueError(f"no prompts in split {split!r}")
+    collate = data.collator()
+    size = data.eval_batch_size
+    return [collate(items[i : i + size]) for i in range(0, len(items), size)], prompts

@@ -1,0 +1,116 @@
+"""``rlhf.pipeline``: stage order, skipping complete stages, forcing, clear config errors, and
+the tiny SFT -> RM -> PPO -> evaluate -> export recipe end to end."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import yaml
+
+from rlhf.data.sources import DataSource, load_records
+from rlhf.outputs import read_stage_marker
+from rlhf.pipeline import PipelineConfigError, load_pipeline, main, run_pipeline
+from stage_configs import ppo_config, rm_config, sft_config, tiny_data_files
+
+
+def copy_stages(tmp_path, n=3):
+    """A pipeline of ``python -m json.tool in out`` stages: each copies the previous output."""
+    (tmp_path / "s0.json").write_text('{"a": 1}')
+    stages = [
+        {"name": f"s{i}", "run": ["json.tool", str(tmp_path / f"s{i - 1}.json"), str(tmp_path / f"s{i}.json")],
+         "output": str(tmp_path / f"s{i}.json")}
+        for i in range(1, n + 1)
+    ]
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump({"stages": stages}))
+    return path
+
+
+def test_complete_stages_are_skipped_and_later_stages_rerun(tmp_path):
+    path = copy_stages(tmp_path)
+    first = run_pipeline(load_pipeline(path))
+    assert [r.status for r in first] == ["ran", "ran", "ran"]
+    assert json.loads((tmp_path / "s3.json").read_text()) == {"a": 1}
+    assert [r.status for r in run_pipeline(load_pipeline(path))] == ["skipped"] * 3
+    (tmp_path / "s2.json").unlink()  # s2 incomplete: s2 runs, and s3 after it
+    assert [r.status for r in run_pipeline(load_pipeline(path))] == ["skipped", "ran", "ran"]
+    assert [r.status for r in run_pipeline(load_pipeline(path), start_from="s2")] == ["skipped", "ran", "ran"]
+    assert [r.status for r in run_pipeline(load_pipeline(path), force=True, until="s2")] == ["ran", "ran", "not run"]
+
+
+def test_a_failing_stage_stops_the_pipeline(tmp_path, capsys):
+    path = copy_stages(tmp_path)
+    (tmp_path / "s0.json").write_text("not json")
+    assert main(["--config", str(path)]) == 1
+    out = capsys.readouterr()
+    assert "s1 failed (exit code 1)" in out.err
+    assert "not run" in out.out and "failed" in out.out
+
+
+@pytest.mark.parametrize(
+    ("stages", "message"),
+    [
+        ([{"name": "a"}], "exactly one of 'fit'"),
+        ([{"name": "a", "run": ["json.tool"]}], "needs 'output'"),
+        ([{"name": "a", "fit": "missing.yaml"}], "does not exist"),
+        ([{"name": "a", "run": ["x"], "output": "o", "outptu": 1}], "unknown key(s) ['outptu']"),
+        ([{"name": "a", "run": ["x"], "output": "o"}, {"name": "a", "run": ["x"], "output": "p"}], "unique"),
+    ],
+)
+def test_bad_pipeline_configs_name_the_stage(tmp_path, stages, message):
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump({"stages": stages}))
+    with pytest.raises(PipelineConfigError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[").replace("]", r"\]")) as err:
+        load_pipeline(path)
+    assert str(path) in str(err.value)
+
+
+def test_fit_stage_without_output_dir_is_rejected(tmp_path):
+    (tmp_path / "sft.yaml").write_text(yaml.safe_dump({"model": {"class_path": "rlhf.sft.SFTModule"}}))
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump({"stages": [{"name": "sft", "fit": str(tmp_path / "sft.yaml")}]}))
+    with pytest.raises(PipelineConfigError, match="output_dir"):
+        load_pipeline(path)
+
+
+def test_tiny_recipe_end_to_end(tmp_path, tiny_model_dir, capsys):
+    files = tiny_data_files(tmp_path)
+    sft_model = str(tmp_path / "out/sft/model")
+    configs = {
+        "sft": sft_config(tmp_path, str(tiny_model_dir), files["demos"]),
+        "rm": rm_config(tmp_path, sft_model, files["prefs"]),
+        "ppo": ppo_config(tmp_path, sft_model, files["prompts"], gold="vader"),
+    }
+    stages = []
+    for name, config in configs.items():
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(config))
+        stages.append({"name": name, "fit": str(tmp_path / f"{name}.yaml")})
+    common = ["--data", files["prompts"], "--val-fraction", "0.25", "--max-length", "48",
+              "--max-prompt-length", "24", "--max-new-tokens", "6", "--no-progress"]
+    stages.append({"name": "eval", "output": str(tmp_path / "out/eval"), "run": [
+        "rlhf.evaluate", "--reward", str(tmp_path / "out/rm"), "--reference", str(tmp_path / "out/sft"),
+        "--policy", f"sft={tmp_path / 'out/sft'}", "--policy", f"ppo={tmp_path / 'out/ppo'}",
+        "--samples-per-prompt", "2", "--out", str(tmp_path / "out/eval"), *common]})
+    stages.append({"name": "export", "output": str(tmp_path / "out/round2.jsonl"), "run": [
+        "rlhf.export", "--policy", str(tmp_path / "out/ppo"), "--k", "3", "--gold", "vader",
+        "--split", "all", "--temperature", "1.5", "--out", str(tmp_path / "out/round2.jsonl"), *common]})
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump({"stages": stages}))
+
+    assert main(["--config", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "pipeline summary" in out and "ppo win rate vs sft" in out
+    ppo = read_stage_marker(tmp_path / "out/ppo")
+    assert "gold/mean" in ppo["metrics"] and "val/gold/mean" in ppo["metrics_before_fit"]
+    report = json.loads((tmp_path / "out/eval/report.json").read_text())
+    assert report["policies"]["sft"]["kl_mean"] == 0.0  # the reference itself
+    assert report["policies"]["ppo"]["samples"] == 2 * report["settings"]["prompts"]
+    assert 0.0 <= report["comparisons"][0]["win_rate"] <= 1.0
+    rankings = load_records(DataSource(path=str(tmp_path / "out/round2.jsonl")), "preference").records
+    assert rankings and all(r.ranks is not None and len(r.ranks) == len(r.completions) for r in rankings)
+
+    # Everything is complete now: a second run only skips.
+    assert main(["--config", str(path)]) == 0
+    assert capsys.readouterr().out.count("skipped") >= 5
