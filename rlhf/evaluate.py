@@ -408,6 +408,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--show", type=int, default=5, help="side-by-side samples in report.md")
     p.add_argument("--out", required=True, help="output directory (report.json, report.md)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--wandb-project", default=None,
+                   help="also log to a W&B run in this project (offline unless WANDB_MODE=online)")
     return p
 
 
@@ -434,7 +436,16 @@ def main(argv: Sequence[str] | None = None) -> Report:
         precision=args.precision, progress=not args.no_progress,
     )
     out = write_report(report, args.out, args.show)
-    log_to_wandb(report)
+    if args.wandb_project:
+        import wandb
+
+        from rlhf.tracking import resolve_wandb_mode
+
+        with wandb.init(project=args.wandb_project, name="evaluate", mode=resolve_wandb_mode(),
+                        dir=str(out), config=report.settings):
+            log_to_wandb(report)
+    else:
+        log_to_wandb(report)  # when called inside an active run
     print(report.to_markdown(show=0))
     print(f"wrote {out / 'report.json'} and {out / 'report.md'}")
     return report

@@ -69,3 +69,15 @@ def test_report_files(tmp_path, rows):
     assert "| sft | +0.5000 ± 0.0000 | 0.000 ± 0.000 |" in md
     assert "### Prompt 0" in md and "### Prompt 1" not in md  # show=1
     assert "> ppo says 1.0" in md
+
+
+def test_report_logs_to_an_active_wandb_run(tmp_path, rows, monkeypatch):
+    wandb = pytest.importorskip("wandb")
+    from rlhf.evaluate import log_to_wandb
+
+    report = Report.from_rows(rows, ["sft", "ppo"], {})
+    assert log_to_wandb(report) is False  # no active run: nothing to do
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    with wandb.init(project="test", mode="offline", dir=str(tmp_path)) as run:
+        assert log_to_wandb(report) is True
+        assert run.summary["eval/ppo_vs_sft/win_rate"] == pytest.approx(0.875)
