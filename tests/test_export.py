@@ -81,3 +81,19 @@ def test_vader_gold_is_not_raised_by_length():
 def test_gold_proxy_curve_reads_rows_with_all_three_metrics():
     rows = [{"step": 0.0, "kl/mean": 4.0, "reward/mean": 0.1, "gold/mean": 0.2}, {"step": 1.0, "kl/mean": 1.0}]
     assert gold_proxy_curve(rows) == {"step": [0.0], "sqrt_kl": [2.0], "proxy": [0.1], "gold": [0.2]}
+
+
+def test_gold_figure_from_a_csv_log(tmp_path):
+    from rlhf.gold import plot_gold_vs_proxy
+
+    log = tmp_path / "run" / "csv" / "version_0" / "metrics.csv"
+    log.parent.mkdir(parents=True)
+    lines = ["step,kl/mean,reward/mean,gold/mean,val/kl/mean,val/reward/mean,val/gold/mean"]
+    lines += [f"{i},{i * 0.5},{0.1 * i},{0.05 * i},,," for i in range(6)]
+    lines += ["5,,,,2.0,0.4,0.2"]
+    log.write_text("\n".join(lines) + "\n")
+    out = plot_gold_vs_proxy(tmp_path / "run", tmp_path / "fig.png")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError, match="gold/mean"):
+        log.write_text("step,kl/mean\n0,1.0\n")
+        plot_gold_vs_proxy(tmp_path / "run", tmp_path / "fig2.png")
