@@ -70,7 +70,7 @@ class StageResult:
     """What happened to a stage in this invocation."""
 
     stage: Stage
-    status: str  # "ran", "skipped", "failed", "not run"
+    status: str  # "ran", "skipped", "failed", "interrupted", "not run"
     seconds: float = 0.0
     summary: dict[str, str] = field(default_factory=dict)
 
@@ -187,7 +187,7 @@ def print_summary(results: Sequence[StageResult], total_seconds: float) -> None:
         table.add_column(column)
     for r in results:
         results_text = "\n".join(f"{k}: {v}" for k, v in r.summary.items())
-        time_text = f"{r.seconds / 60:.1f} min" if r.status in ("ran", "failed") else "-"
+        time_text = f"{r.seconds / 60:.1f} min" if r.seconds else "-"
         table.add_row(r.stage.name, r.status, time_text, str(r.stage.output), results_text)
     Console(width=max(120, Console().width)).print(table)
 
@@ -222,7 +222,16 @@ def run_pipeline(
         command = [python, "-m", *stage.command]
         print(f"[rlhf.pipeline] {stage.name}: {' '.join(command[1:])}", flush=True)
         start = time.perf_counter()
-        code = subprocess.call(command)
+        process = subprocess.Popen(command)
+        try:
+            code = process.wait()
+        except KeyboardInterrupt:
+            # The stage got the same Ctrl-C (one process group): let it save and exit.
+            code = process.wait()
+            print(f"[rlhf.pipeline] {stage.name} interrupted", file=sys.stderr, flush=True)
+            results.append(StageResult(stage, "interrupted", time.perf_counter() - start))
+            failed = True
+            continue
         seconds = time.perf_counter() - start
         if code != 0 or not stage.is_complete():
             why = f"exit code {code}" if code else f"finished but {stage.output} is not complete"
@@ -249,6 +258,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print_summary(results, time.perf_counter() - start)
+    if any(r.status == "interrupted" for r in results):
+        return 130
     return 1 if any(r.status == "failed" for r in results) else 0
 
 

@@ -114,3 +114,22 @@ def test_tiny_recipe_end_to_end(tmp_path, tiny_model_dir, capsys):
     # Everything is complete now: a second run only skips.
     assert main(["--config", str(path)]) == 0
     assert capsys.readouterr().out.count("skipped") >= 5
+
+
+def test_ctrl_c_waits_for_the_stage_and_stops(tmp_path, monkeypatch):
+    class InterruptedStage:
+        waits = 0
+
+        def __init__(self, command):
+            self.command = command
+
+        def wait(self):
+            InterruptedStage.waits += 1
+            if InterruptedStage.waits == 1:
+                raise KeyboardInterrupt
+            return -2  # the stage's own exit after saving
+
+    monkeypatch.setattr("rlhf.pipeline.subprocess.Popen", InterruptedStage)
+    results = run_pipeline(load_pipeline(copy_stages(tmp_path)))
+    assert [r.status for r in results] == ["interrupted", "not run", "not run"]
+    assert InterruptedStage.waits == 2
