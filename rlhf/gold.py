@@ -14,12 +14,13 @@ only by writing more positively.
 from __future__ import annotations
 
 import argparse
-import csv
 import math
 import sys
 from collections.abc import Callable, Sequence
 from functools import lru_cache
 from pathlib import Path
+
+from rlhf.plot import find_metrics_csv, moving_average, read_metrics
 
 GoldFunction = Callable[[Sequence[str]], list[float]]
 
@@ -59,44 +60,22 @@ def competition_ranks(scores: Sequence[float]) -> list[int]:
 
 
 # --------------------------------------------------------------------------- the figure
-def read_metrics(run_dir: str | Path) -> list[dict[str, float]]:
-    """Rows of the newest ``csv/version_*/metrics.csv`` under ``run_dir`` (numbers only)."""
-    run_dir = Path(run_dir)
-    files = sorted(run_dir.glob("**/metrics.csv"), key=lambda p: p.stat().st_mtime)
-    if not files:
-        raise FileNotFoundError(f"no metrics.csv under {run_dir}")
-    rows = []
-    with open(files[-1]) as f:
-        for raw in csv.DictReader(f):
-            row = {}
-            for key, value in raw.items():
-                try:
-                    row[key] = float(value)
-                except (TypeError, ValueError):
-                    continue
-            rows.append(row)
-    return rows
-
-
-def gold_proxy_curve(rows: Sequence[dict[str, float]], prefix: str = "") -> dict[str, list[float]]:
-    """``sqrt_kl``, ``proxy`` and ``gold`` series from rows that have all three metrics."""
-    keys = (f"{prefix}kl/mean", f"{prefix}reward/mean", f"{prefix}gold/mean")
+def gold_proxy_curve(columns: dict[str, list[float]], prefix: str = "") -> dict[str, list[float]]:
+    """``step``, ``sqrt_kl``, ``proxy`` and ``gold`` series from the rows of a CSV log (columns
+    as :func:`rlhf.plot.read_metrics` gives them) that have all three of KL, RM and gold."""
+    names = (f"{prefix}kl/mean", f"{prefix}reward/mean", f"{prefix}gold/mean")
     series: dict[str, list[float]] = {"step": [], "sqrt_kl": [], "proxy": [], "gold": []}
-    for row in rows:
-        if all(k in row and math.isfinite(row[k]) for k in keys):
-            series["step"].append(row.get("step", float(len(series["step"]))))
-            series["sqrt_kl"].append(math.sqrt(max(0.0, row[keys[0]])))
-            series["proxy"].append(row[keys[1]])
-            series["gold"].append(row[keys[2]])
+    if not all(n in columns for n in names):
+        return series
+    kl, proxy, gold = (columns[n] for n in names)
+    steps = columns.get("step", [float(i) for i in range(len(kl))])
+    for i in range(len(kl)):
+        if all(math.isfinite(v) for v in (kl[i], proxy[i], gold[i])):
+            series["step"].append(steps[i])
+            series["sqrt_kl"].append(math.sqrt(max(0.0, kl[i])))
+            series["proxy"].append(proxy[i])
+            series["gold"].append(gold[i])
     return series
-
-
-def _smooth(values: list[float], window: int) -> list[float]:
-    out = []
-    for i in range(len(values)):
-        chunk = values[max(0, i - window + 1) : i + 1]
-        out.append(sum(chunk) / len(chunk))
-    return out
 
 
 def plot_gold_vs_proxy(run_dir: str | Path, out: str | Path, smooth: int = 5) -> Path:
@@ -107,14 +86,15 @@ def plot_gold_vs_proxy(run_dir: str | Path, out: str | Path, smooth: int = 5) ->
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = read_metrics(run_dir)
-    train, val = gold_proxy_curve(rows), gold_proxy_curve(rows, "val/")
+    columns = read_metrics(find_metrics_csv(run_dir))
+    train, val = gold_proxy_curve(columns), gold_proxy_curve(columns, "val/")
     if not train["gold"]:
         raise ValueError(f"{run_dir}: no rows with kl/mean, reward/mean and gold/mean (was `gold` set?)")
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, key, label in ((axes[0], "proxy", "proxy RM score (raw)"), (axes[1], "gold", "gold score (VADER pos - neg)")):
         ax.plot(train["sqrt_kl"], train[key], ".", alpha=0.3, label="train rollouts")
-        ax.plot(_smooth(train["sqrt_kl"], smooth), _smooth(train[key], smooth), "-", label=f"moving avg ({smooth})")
+        ax.plot(moving_average(train["sqrt_kl"], smooth), moving_average(train[key], smooth), "-",
+                label=f"moving avg ({smooth})")
         if val[key]:
             ax.plot(val["sqrt_kl"], val[key], "o-", color="black", label="held-out prompts")
         ax.set_xlabel("sqrt(KL to reference) [sqrt nats]")

@@ -78,9 +78,11 @@ def test_vader_gold_is_not_raised_by_length():
         gold_function("oracle")
 
 
-def test_gold_proxy_curve_reads_rows_with_all_three_metrics():
-    rows = [{"step": 0.0, "kl/mean": 4.0, "reward/mean": 0.1, "gold/mean": 0.2}, {"step": 1.0, "kl/mean": 1.0}]
-    assert gold_proxy_curve(rows) == {"step": [0.0], "sqrt_kl": [2.0], "proxy": [0.1], "gold": [0.2]}
+def test_gold_proxy_curve_keeps_rows_with_all_three_metrics():
+    nan = float("nan")
+    columns = {"step": [0.0, 1.0], "kl/mean": [4.0, 1.0], "reward/mean": [0.1, nan], "gold/mean": [0.2, nan]}
+    assert gold_proxy_curve(columns) == {"step": [0.0], "sqrt_kl": [2.0], "proxy": [0.1], "gold": [0.2]}
+    assert gold_proxy_curve(columns, "val/") == {"step": [], "sqrt_kl": [], "proxy": [], "gold": []}
 
 
 def test_gold_figure_from_a_csv_log(tmp_path):

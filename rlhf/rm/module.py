@@ -7,7 +7,7 @@ import logging
 from typing import Any
 
 import torch
-from torchmetrics import MeanMetric, Metric
+from torchmetrics import CatMetric, MeanMetric, Metric
 
 from rlhf.models.loading import ModelSettings, apply_lora, load_causal_lm
 from rlhf.outputs import atomic_directory, write_stage_marker
@@ -15,6 +15,7 @@ from rlhf.rm.loss import bradley_terry_loss
 from rlhf.rm.metrics import MeanMargin, PairwiseAccuracy, StdMetric
 from rlhf.rm.model import RewardModel
 from rlhf.stage import StageModule
+from rlhf.tracking import log_histograms, wandb_loggers
 
 log = logging.getLogger("rlhf.rm")
 
@@ -29,9 +30,11 @@ class RewardModule(StageModule):
 
     Logs ``train/loss``, ``train/accuracy``, ``train/margin`` per step and ``val/loss``,
     ``val/accuracy``, ``val/margin``, ``val/reward_mean``, ``val/reward_std`` over the whole
-    validation set. When fitting ends it measures the score mean/std on (at most
-    ``stats_max_rows`` sequences of) the training data and saves the model under
-    ``output_dir`` (see :meth:`RewardModel.save_pretrained`) with a stage marker.
+    validation set; with a W&B logger attached also the histograms ``val/margin_hist`` (chosen
+    minus rejected score per pair) and ``val/reward_hist`` (every sequence's score). When
+    fitting ends it measures the score mean/std on (at most ``stats_max_rows`` sequences of)
+    the training data and saves the model under ``output_dir`` (see
+    :meth:`RewardModel.save_pretrained`) with a stage marker.
 
     Args:
         base: the SFT model to start from; with ``base.lora`` only LoRA and the score head
@@ -71,6 +74,10 @@ class RewardModule(StageModule):
         self.val_margin = MeanMargin()
         self.val_reward_mean = MeanMetric()
         self.val_reward_std = StdMetric()
+        # Every pair's margin and every score, kept only when a W&B logger wants histograms.
+        self.val_margin_values = CatMetric()
+        self.val_score_values = CatMetric()
+        self._histograms = False
 
     def configure_model(self) -> None:
         if self.model is not None:
@@ -124,12 +131,30 @@ class RewardModule(StageModule):
         self.val_margin.update(chosen, rejected)
         self.val_reward_mean.update(scores.detach())
         self.val_reward_std.update(scores)
+        if self._histograms:
+            self.val_margin_values.update((chosen - rejected).detach().float())
+            self.val_score_values.update(scores.detach().float())
         # Metric objects: Lightning computes them over the epoch (and processes), then resets.
         self.log("val/loss", self.val_loss, on_step=False, on_epoch=True)
         self.log("val/accuracy", self.val_accuracy, on_step=False, on_epoch=True, prog_bar=True)
         self.log("val/margin", self.val_margin, on_step=False, on_epoch=True)
         self.log("val/reward_mean", self.val_reward_mean, on_step=False, on_epoch=True)
         self.log("val/reward_std", self.val_reward_std, on_step=False, on_epoch=True)
+
+    def on_validation_epoch_start(self) -> None:
+        self._histograms = bool(wandb_loggers(self.trainer))
+
+    def on_validation_epoch_end(self) -> None:
+        if not self._histograms or self.val_margin_values.update_count == 0:
+            return
+        values = {
+            "val/margin_hist": self.val_margin_values.compute(),  # gathers across processes
+            "val/reward_hist": self.val_score_values.compute(),
+        }
+        self.val_margin_values.reset()
+        self.val_score_values.reset()
+        if self.trainer.is_global_zero:
+            log_histograms(wandb_loggers(self.trainer), values, step=self.trainer.global_step)
 
     # -- outputs ---------------------------------------------------------------------------
     def _forward_context(self):
