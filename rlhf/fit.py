@@ -13,6 +13,11 @@ import sys
 
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from rlhf.interrupts import interrupt_exit_code
+from rlhf.resume import make_resumable, prepare_resume
+from rlhf.run_info import RunInfoCallback
 
 
 class RLHFCLI(LightningCLI):
@@ -32,6 +37,17 @@ class RLHFCLI(LightningCLI):
             help="run the validation loop once before training (logs the step-0 baseline)",
         )
 
+    def instantiate_classes(self) -> None:
+        """As LightningCLI's, but an error raised in a class's ``__init__`` (a missing model,
+        a tokenizer without EOS, ...) surfaces as itself, not wrapped in jsonargparse's "Does
+        not validate against any of the Union subtypes" and a dump of the config."""
+        try:
+            super().instantiate_classes()
+        except ValueError as err:
+            if err.__cause__ is None:
+                raise
+            raise err.__cause__ from None
+
 
 def main(args: list[str] | None = None) -> RLHFCLI:
     """Parse the config, build trainer/module/data, and fit."""
@@ -43,17 +59,25 @@ def main(args: list[str] | None = None) -> RLHFCLI:
         subclass_mode_data=True,
         run=False,
         args=args,
+        save_config_callback=RunInfoCallback,  # config.yaml, git commit, W&B config
         save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=False,
         parser_kwargs={"description": __doc__.split("\n\n")[0]},
     )
-    if cli.config.validate_before_fit and cli.config.ckpt_path is None:
-        # Loggers are detached here; the module logs these numbers at step 0 of the fit.
-        loggers, cli.trainer.loggers = cli.trainer.loggers, []
-        cli.trainer.validate(cli.model, datamodule=cli.datamodule, verbose=False)
-        cli.trainer.loggers = loggers
-        cli.model.metrics_before_fit = cli.model.logged_metrics()
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.config.ckpt_path)
+    # Checkpoints carry RNG and logger identity, SIGTERM/Ctrl-C save one, files are atomic;
+    # "last" is found and the loggers continue the checkpoint's run (rlhf.resume).
+    make_resumable(cli.trainer)
+    ckpt_path = prepare_resume(cli.trainer, cli.config.ckpt_path)
+    try:
+        if cli.config.validate_before_fit and ckpt_path is None:
+            # Loggers are detached here; the module logs these numbers at step 0 of the fit.
+            loggers, cli.trainer.loggers = cli.trainer.loggers, []
+            cli.trainer.validate(cli.model, datamodule=cli.datamodule, verbose=False)
+            cli.trainer.loggers = loggers
+            cli.model.metrics_before_fit = cli.model.logged_metrics()
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path)
+    except SIGTERMException:  # a checkpoint was saved (rlhf.interrupts); exit 128 + signal
+        raise SystemExit(interrupt_exit_code(cli.trainer)) from None
     return cli
 
 

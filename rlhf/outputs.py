@@ -1,8 +1,11 @@
-"""Stage outputs written atomically, with a marker saying they are complete.
+"""Stage outputs and checkpoints written atomically, with a marker saying outputs are complete.
 
 A stage writes its whole output directory under a temporary name and renames it into place, so
 a crash never leaves a directory that the next stage would take as complete. The marker file
-``rlhf_stage.json`` is written last, inside the temporary directory.
+``rlhf_stage.json`` is written last, inside the temporary directory. Checkpoint files go the
+same way (:func:`atomic_file`, :class:`AtomicCheckpointIO`): written to a hidden temporary
+file next to the target, flushed to disk, then renamed over it, so ``last.ckpt`` is always
+either the previous checkpoint or the new one, never half of one.
 """
 
 from __future__ import annotations
@@ -15,6 +18,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 STAGE_MARKER = "rlhf_stage.json"
 
@@ -56,3 +62,48 @@ def read_stage_marker(directory: str | os.PathLike) -> dict[str, Any] | None:
         return None
     with open(path) as f:
         return json.load(f)
+
+
+@contextmanager
+def atomic_file(final: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path in ``final``'s directory; when the block succeeds the file there
+    is flushed to disk and renamed to ``final`` (replacing it). On an exception the temporary
+    file is removed and ``final`` is left as it was."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's ``torch.save`` checkpoint IO, writing local files through :func:`atomic_file`.
+
+    (Lightning's own "atomic" save stages the file in the system temp directory and moves it,
+    which is a copy, not a rename, when that is another file system.) Remote paths
+    (``s3://...``) keep Lightning's behaviour.
+    """
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: str | os.PathLike, storage_options: Any | None = None
+    ) -> None:
+        if storage_options is not None or "://" in str(path):
+            super().save_checkpoint(checkpoint, path, storage_options)
+            return
+        with atomic_file(path) as tmp:
+            torch.save(checkpoint, tmp)
+
+
+def use_atomic_checkpoints(trainer: Any) -> None:
+    """Make ``trainer`` (a Lightning ``Trainer``) write checkpoints with
+    :class:`AtomicCheckpointIO` when it uses the default single-file checkpoint IO (sharded
+    strategies keep their own)."""
+    strategy = trainer.strategy
+    if type(strategy.checkpoint_io) is TorchCheckpointIO:
+        strategy.checkpoint_io = AtomicCheckpointIO()

@@ -8,10 +8,23 @@ from typing import Any
 import lightning as L
 import torch
 
-from rlhf.models.loading import LoraSettings, ModelSettings, load_tokenizer
+from rlhf.models.loading import LoraSettings, ModelSettings, load_tokenizer, resolve_model_path
 
 # Hyperparameters hold these dataclasses; let Lightning's weights-only checkpoint loading read them.
 torch.serialization.add_safe_globals([ModelSettings, LoraSettings])
+
+
+def model_context_length(settings: ModelSettings) -> int | None:
+    """The model's context window (``max_position_embeddings`` of its text config), read from
+    its ``config.json`` without loading weights; ``None`` when the config does not say."""
+    from transformers import AutoConfig
+
+    path = resolve_model_path(settings.name_or_path, settings.revision)
+    config = AutoConfig.from_pretrained(
+        path, local_files_only=True, trust_remote_code=settings.trust_remote_code
+    )
+    value = getattr(config.get_text_config(), "max_position_embeddings", None)
+    return int(value) if isinstance(value, int) and value > 0 else None
 
 
 def warmup_linear_decay(warmup_steps: int, total_steps: int):
@@ -66,6 +79,30 @@ class StageModule(L.LightningModule):
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
+
+    def setup(self, stage: str) -> None:
+        """Checks that need the data module, before the model is loaded."""
+        if stage in ("fit", "validate"):
+            self.check_context()
+
+    def sequence_budget(self) -> tuple[int, str] | None:
+        """The longest sequence this stage gives the model, in tokens, and the config keys that
+        set it (for messages); ``None`` without a data module that says."""
+        data = getattr(self.trainer, "datamodule", None)
+        length = getattr(data, "max_length", None)
+        return (length, "data.init_args.max_length") if length else None
+
+    def check_context(self) -> None:
+        """Refuse sequences longer than the model's context window (positions past it would
+        index out of the position table or silently degrade), naming the config keys."""
+        budget = self.sequence_budget()
+        context = model_context_length(self.base) if budget else None
+        if budget and context and budget[0] > context:
+            tokens, keys = budget
+            raise ValueError(
+                f"{keys} = {tokens} tokens is longer than the context of "
+                f"{self.base.name_or_path} (max_position_embeddings = {context}); lower it"
+            )
 
     def total_steps(self) -> int:
         steps = self.trainer.estimated_stepping_batches

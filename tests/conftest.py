@@ -36,3 +36,36 @@ def tiny_policy_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tokenizer = build_tiny_tokenizer(out, chat_template=True)
     build_tiny_llama(out, tokenizer, initializer_range=0.5)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_quickstart(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> dict:
+    """SFT -> RM -> PPO on the tiny model in the quickstart's layout (``runs/``, ``outputs/``);
+    see :func:`run_builders.build_tiny_quickstart`."""
+    from run_builders import build_tiny_quickstart
+
+    return build_tiny_quickstart(tmp_path_factory.mktemp("tiny-quickstart"), tiny_model_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_sweep(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> dict:
+    """A 2-trial offline ``rlhf.sweep`` of a tiny reward-model config (grid over lr x LoRA
+    rank): ``{"spec", "out", "trials"}``."""
+    pytest.importorskip("sweeps", reason="W&B's sweep engine: pip install -e '.[sweeps]'")
+    from run_builders import write_tiny_rm_sweep
+
+    from rlhf.sweep import run_sweep
+
+    root = tmp_path_factory.mktemp("tiny-sweep")
+    spec = write_tiny_rm_sweep(root, tiny_model_dir)
+    out = root / "sweep"
+    trials = run_sweep(spec, count=2, out_dir=out, cwd=root, timeout=300)
+    return {"spec": spec, "out": out, "trials": trials}
+
+
+@pytest.fixture(autouse=True)
+def _no_shared_wandb_service(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``wandb.init`` in a test publishes its wandb-core service in ``WANDB_SERVICE``, and child
+    processes attach to it: a later test's ``rlhf.fit`` subprocesses would share one service
+    (a resumed run then fails with 'run ID is in use'). Each test starts without one."""
+    monkeypatch.setenv("WANDB_SERVICE", "")

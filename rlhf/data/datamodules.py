@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import logging
 import random
+import warnings
 from collections.abc import Sequence
 from typing import Any, ClassVar, Literal
 
 import lightning as L
+import torch
 from torch.utils.data import DataLoader
 
 from rlhf.data.collate import DemonstrationCollator, PreferenceCollator, PromptCollator
 from rlhf.data.records import Comparison, Conversation, Demonstration, PromptRecord, Ranking
+from rlhf.data.sampling import ResumableRandomSampler, ResumedDataLoader
 from rlhf.data.sources import DataSource, load_records
 from rlhf.data.tokenization import PromptFormatter, truncate_pair
 
@@ -118,6 +121,9 @@ class RLHFDataModule(L.LightningDataModule):
         self.train_dataset: ListDataset | None = None
         self.val_dataset: ListDataset | None = None
         self.stats: dict[str, int] = {}
+        # Training order (see train_dataloader), and where a resumed run starts in it.
+        self.train_sampler: ResumableRandomSampler | None = None
+        self._resume_at: tuple[int, int] | None = None  # (epoch seed, batches of it done)
 
     @staticmethod
     def _as_list(sources: DataSource | Sequence[DataSource]) -> list[DataSource]:
@@ -205,7 +211,51 @@ class RLHFDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_dataset, self.batch_size, shuffle=True)
+        """Shuffled each epoch as with ``shuffle=True``, by a :class:`ResumableRandomSampler`
+        whose epoch seed and position travel in checkpoints (:meth:`state_dict`), so a resumed
+        run continues the epoch where it stopped. Multi-process runs keep Lightning's
+        ``DistributedSampler`` (a mid-epoch resume there restarts the epoch)."""
+        if self.trainer is not None and self.trainer.world_size > 1:
+            return self._loader(self.train_dataset, self.batch_size, shuffle=True)
+        sampler = ResumableRandomSampler(len(self.train_dataset))
+        loader, extra = DataLoader, {}
+        if self._resume_at is not None:
+            seed, batches = self._resume_at
+            sampler.resume(seed, min(batches * self.batch_size, len(self.train_dataset)))
+            loader, extra = ResumedDataLoader, {"generator": torch.Generator()}
+            self._resume_at = None
+        self.train_sampler = sampler
+        return loader(
+            self.train_dataset,
+            batch_size=self.batch_size,
+            sampler=sampler,
+            collate_fn=self.collator(),
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            **extra,
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        """The seed of the training epoch in progress and how many of its batches are done."""
+        sampler, trainer = self.train_sampler, self.trainer
+        if sampler is None or sampler.epoch_seed is None or trainer is None:
+            return {}
+        return {
+            "epoch_seed": sampler.epoch_seed,
+            "batches_done": int(trainer.fit_loop.epoch_loop.batch_progress.current.processed),
+            "batches_per_epoch": trainer.num_training_batches,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue the checkpoint's epoch in the next :meth:`train_dataloader` (a finished
+        epoch needs nothing: the next one is drawn as in the uninterrupted run)."""
+        done, per_epoch = state.get("batches_done", 0), state.get("batches_per_epoch") or 0
+        if state.get("epoch_seed") is not None and 0 < done < per_epoch:
+            self._resume_at = (int(state["epoch_seed"]), int(done))
+            # Lightning cannot see that the position is restored here; its warning is moot.
+            warnings.filterwarnings(
+                "ignore", message="You're resuming from a checkpoint that ended before the epoch"
+            )
 
     def val_dataloader(self) -> DataLoader | list:
         if not self.val_dataset:

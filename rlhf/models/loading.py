@@ -223,17 +223,20 @@ def resolve_model_path(name_or_path: str, revision: str | None = None) -> str:
 
 
 def load_tokenizer(name_or_path: str, revision: str | None = None) -> PreTrainedTokenizerBase:
-    """Load a tokenizer; if it has no pad token, pad = eos. ``padding_side`` is left as saved."""
+    """Load a tokenizer; if it has no pad token, pad = eos (neither is an error naming the
+    tokenizer). ``padding_side`` is left as saved."""
     from transformers import AutoTokenizer
 
     path = resolve_model_path(name_or_path, revision)
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
-            log.warning("Tokenizer %s has neither a pad nor an eos token", name_or_path)
-        else:
-            tokenizer.pad_token = tokenizer.eos_token
-            log.info("Tokenizer %s has no pad token; using eos %r as pad", name_or_path, tokenizer.eos_token)
+            raise ValueError(
+                f"Tokenizer {name_or_path} has neither a pad nor an EOS token: set pad_token and "
+                "eos_token in its tokenizer_config.json (padding and stopping generation need them)"
+            )
+        tokenizer.pad_token = tokenizer.eos_token
+        log.info("Tokenizer %s has no pad token; using eos %r as pad", name_or_path, tokenizer.eos_token)
     return tokenizer
 
 

@@ -10,6 +10,11 @@ Per iteration (CleanRL-style, every step visible here):
 4. ``ppo_epochs`` passes over shuffled minibatches: clipped policy loss, clipped value loss,
    entropy bonus, gradient clipping, optional early stop on approximate KL;
 5. update the KL controller and log the metrics.
+
+A minibatch update with non-finite rewards, advantages, returns, loss or gradient is skipped
+and counted (``nonfinite/skipped``); ``update.max_nonfinite_steps`` such updates in a row stop
+the run (:mod:`rlhf.ppo.guards`). Checkpoints carry the KL controller, the iteration and these
+counts; RNG, data position and logger identity are :mod:`rlhf.resume`'s.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from torch import nn
 from rlhf.data.records import conversation_text
 from rlhf.models.forward import disable_dropout
 from rlhf.models.loading import ModelSettings, apply_lora, load_causal_lm
-from rlhf.outputs import atomic_directory, write_stage_marker
+from rlhf.outputs import atomic_directory, atomic_file, write_stage_marker
 from rlhf.ppo.advantages import (
     best_of_n_indices,
     explained_variance,
@@ -37,6 +42,7 @@ from rlhf.ppo.advantages import (
     rloo_advantages,
     sequence_to_token_advantages,
 )
+from rlhf.ppo.guards import NonFiniteGuard, gradients_finite, join_names, nonfinite_names
 from rlhf.ppo.kl import AdaptiveKLController, FixedKLController, kl_estimate, per_token_rewards
 from rlhf.ppo.losses import entropy_from_logits, logprobs_from_logits, policy_loss, value_loss
 from rlhf.ppo.masks import masked_mean, masked_sum, masked_whiten
@@ -53,8 +59,24 @@ from rlhf.stage import StageModule
 
 log = logging.getLogger("rlhf.ppo")
 
+# Hyperparameters hold these dataclasses; let weights-only checkpoint loading read them.
+torch.serialization.add_safe_globals([RewardSettings, SamplingSettings, KLSettings, UpdateSettings])
+
 POLICY = "policy"
 VALUE = "value"
+SAMPLES_FILE = "samples.jsonl"
+
+
+def drop_samples_from(path: Path, iteration: int) -> None:
+    """Remove the rows of iteration ``iteration`` and later from a ``samples.jsonl`` (a resumed
+    run makes them again)."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if line.strip() and json.loads(line).get("iteration", 0) < iteration]
+    if len(kept) != len(lines):
+        with atomic_file(path) as tmp:
+            tmp.write_text("".join(kept))
 
 
 class PPOModule(StageModule):
@@ -131,6 +153,8 @@ class PPOModule(StageModule):
         self.scorer: Scorer | None = None
         self.score_mean, self.score_std = 0.0, 1.0
         self.iteration = 0
+        self.nonfinite = NonFiniteGuard(self.update_settings.max_nonfinite_steps)
+        self._resumed = False
 
     # -- models ----------------------------------------------------------------------------
     @property
@@ -156,6 +180,26 @@ class PPOModule(StageModule):
             self.scorer = self.build_scorer()
             disable_dropout(self.model)  # a shared reward adapter was just added
 
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        if stage in ("fit", "validate") and self.scorer is None:
+            if self.reward_settings is None:
+                raise ValueError("no reward: set model.init_args.reward.model to the RM stage output")
+            from rlhf.ppo.reward import check_reward_model
+
+            check_reward_model(self.reward_settings.model)  # before the policy is loaded
+
+    def sequence_budget(self) -> tuple[int, str] | None:
+        """Prompt (left-truncated to ``max_prompt_length``) plus ``max_new_tokens``."""
+        data = getattr(self.trainer, "datamodule", None)
+        prompt = getattr(data, "max_prompt_length", None)
+        if not prompt:
+            return None
+        new = self.sampling.max_new_tokens
+        keys = (f"data.init_args.max_prompt_length ({prompt}) + "
+                f"model.init_args.sampling.max_new_tokens ({new})")
+        return prompt + new, keys
+
     def build_scorer(self) -> Scorer:
         """The reward model of ``reward.model`` as a scorer (sharing the base when it can)."""
         if self.reward_settings is None:
@@ -178,13 +222,25 @@ class PPOModule(StageModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         keep = {name for name, _ in self.named_parameters() if self._is_trained(name)}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
-        checkpoint["ppo"] = {"kl_controller": self.kl_controller.state_dict(), "iteration": self.iteration}
+        checkpoint["ppo"] = {
+            "kl_controller": self.kl_controller.state_dict(),
+            "iteration": self.iteration,
+            "nonfinite": self.nonfinite.state_dict(),
+        }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("ppo", {})
         if "kl_controller" in state:
             self.kl_controller.load_state_dict(state["kl_controller"])
         self.iteration = state.get("iteration", 0)
+        self.nonfinite.load_state_dict(state.get("nonfinite", {}))
+        self._resumed = True
+
+    def on_train_start(self) -> None:
+        super().on_train_start()
+        if self._resumed and self.trainer.is_global_zero:
+            # Samples the killed run logged after its checkpoint are made again from here.
+            drop_samples_from(Path(self.trainer.default_root_dir) / SAMPLES_FILE, self.iteration)
 
     def optimizer_steps_per_iteration(self) -> int:
         batch = self.trainer.datamodule.batch_size * self.samples_per_prompt
@@ -326,29 +382,63 @@ class PPOModule(StageModule):
             stats.update(value_loss=vf_loss.detach(), value_clipfrac=vstats["clipfrac"])
         return loss, stats
 
+    def nonfinite_inputs(self, mb: Rollout) -> list[str]:
+        """What in a minibatch's rollout rows is NaN/inf: ``reward``, ``kl``, ``advantage``,
+        ``return``, ``value`` (the last two with a critic)."""
+        critic = self.uses_critic
+        return nonfinite_names({
+            "reward": torch.cat([mb.raw_scores.float(), mb.scores.float()]),
+            "kl": mb.kl,
+            "advantage": mb.advantages,
+            "return": mb.returns if critic else None,
+            "value": mb.values if critic else None,
+        })
+
     def ppo_update(self, rollout: Rollout) -> dict[str, float]:
-        """``ppo_epochs`` passes over shuffled minibatches; returns the mean of each stat."""
+        """``ppo_epochs`` passes over shuffled minibatches; returns the mean of each stat over
+        the updates made, and ``skipped``: minibatch updates skipped because something was not
+        finite (see :class:`rlhf.ppo.guards.NonFiniteGuard`; the LR schedule still moves on)."""
         u = self.update_settings
         optimizer = self.optimizers()
         scheduler = self.lr_schedulers()
         n = len(rollout)
         minibatch = u.minibatch_size or n
         micro = min(u.micro_batch_size or minibatch, minibatch)
+        # Under fp16 a GradScaler skips steps with inf gradients itself (and adjusts its scale).
+        check_gradients = getattr(self.trainer.precision_plugin, "scaler", None) is None
         totals: dict[str, float] = {}
-        count, stopped_early = 0, False
+        count, skipped, stopped_early = 0, 0, False
         self.model.train()
-        for _ in range(u.ppo_epochs):
+        for epoch in range(u.ppo_epochs):
             order = torch.randperm(n, device=rollout.input_ids.device)
-            for mb_start in range(0, n, minibatch):
+            for number, mb_start in enumerate(range(0, n, minibatch)):
                 mb_index = order[mb_start : mb_start + minibatch]
                 mb_stats: dict[str, float] = {}
+                bad = self.nonfinite_inputs(rollout.select(mb_index))
                 for mc_start in range(0, len(mb_index), micro):
+                    if bad:
+                        break
                     part = rollout.select(mb_index[mc_start : mc_start + micro])
                     loss, stats = self.minibatch_loss(part)
+                    if not bool(torch.isfinite(loss)):
+                        bad = ["loss"]
+                        break
                     weight = len(part) / len(mb_index)
                     self.manual_backward(loss * weight)
                     for key, value in stats.items():
                         mb_stats[key] = mb_stats.get(key, 0.0) + float(value) * weight
+                if not bad and check_gradients and not gradients_finite(self.trainable_parameters()):
+                    bad = ["gradient"]
+                if self.trainer.strategy.reduce_boolean_decision(bool(bad), all=False):
+                    optimizer.zero_grad(set_to_none=True)
+                    scheduler.step()
+                    skipped += 1
+                    where = {"iteration": self.iteration, "epoch": epoch, "minibatch": number}
+                    log.warning("skipped a PPO minibatch update: non-finite %s (%s)", join_names(bad),
+                                ", ".join(f"{k} {v}" for k, v in where.items()))
+                    self.nonfinite.bad(bad or ["values (on another process)"], **where)
+                    continue
+                self.nonfinite.good()
                 if u.max_grad_norm is not None:
                     self.clip_gradients(optimizer, gradient_clip_val=u.max_grad_norm, gradient_clip_algorithm="norm")
                 optimizer.step()
@@ -366,6 +456,7 @@ class PPOModule(StageModule):
         means = {key: value / count for key, value in totals.items()}
         means["early_stopped"] = float(stopped_early)
         means["optimizer_steps"] = float(count)
+        means["skipped"] = float(skipped)
         return means
 
     # -- Lightning hooks -------------------------------------------------------------------------
@@ -399,27 +490,31 @@ class PPOModule(StageModule):
         rollout = self.make_rollout(batch)
         stats = self.ppo_update(rollout)
         metrics = self.rollout_metrics(rollout)
+        nan = float("nan")  # policy/value stats of an iteration whose updates were all skipped
         metrics.update(
             {
                 "kl/coef": self.kl_controller.value,
-                "policy/entropy": stats["entropy"],
-                "policy/ratio": stats["ratio_mean"],
-                "policy/ratio_max": stats["ratio_max"],
-                "policy/clipfrac": stats["clipfrac"],
-                "policy/approx_kl": stats["approx_kl"],
-                "policy/loss": stats["policy_loss"],
+                "policy/entropy": stats.get("entropy", nan),
+                "policy/ratio": stats.get("ratio_mean", nan),
+                "policy/ratio_max": stats.get("ratio_max", nan),
+                "policy/clipfrac": stats.get("clipfrac", nan),
+                "policy/approx_kl": stats.get("approx_kl", nan),
+                "policy/loss": stats.get("policy_loss", nan),
                 "policy/early_stopped": stats["early_stopped"],
+                "nonfinite/skipped": stats["skipped"],
+                "nonfinite/skipped_total": float(self.nonfinite.skipped),
                 "iteration": float(self.iteration),
                 "lr": self.lr_schedulers().get_last_lr()[0],
             }
         )
         if self.uses_critic:
-            metrics["value/loss"] = stats["value_loss"]
-            metrics["value/clipfrac"] = stats["value_clipfrac"]
+            metrics["value/loss"] = stats.get("value_loss", nan)
+            metrics["value/clipfrac"] = stats.get("value_clipfrac", nan)
             metrics["value/explained_var"] = float(
                 explained_variance(rollout.values, rollout.returns, rollout.response_mask)
             )
-        self.kl_controller.update(metrics["kl/mean"], len(rollout))
+        if math.isfinite(metrics["kl/mean"]):  # a NaN would poison an adaptive controller
+            self.kl_controller.update(metrics["kl/mean"], len(rollout))
         self.log_dict(metrics, batch_size=len(rollout), prog_bar=False)
         self.log("reward", metrics["reward/mean"], prog_bar=True, logger=False, batch_size=len(rollout))
         self.log("kl", metrics["kl/mean"], prog_bar=True, logger=False, batch_size=len(rollout))
@@ -456,7 +551,7 @@ class PPOModule(StageModule):
             if hasattr(logger, "log_table"):
                 logger.log_table(key="samples", columns=columns, data=rows, step=self.global_step)
         if self.trainer.is_global_zero:
-            path = Path(self.trainer.default_root_dir) / "samples.jsonl"
+            path = Path(self.trainer.default_root_dir) / SAMPLES_FILE
             path.parent.mkdir(parents=True, exist_ok=True)
             with open(path, "a") as f:
                 for row in rows:

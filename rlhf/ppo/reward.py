@@ -53,6 +53,20 @@ class SharedBaseScorer(nn.Module):
         return self.score_head(last.float()).squeeze(-1)
 
 
+def check_reward_model(path: str | os.PathLike) -> dict:
+    """The ``reward_model.json`` of ``path``, or a clear error naming the config key when
+    ``path`` does not exist or is not a saved reward model."""
+    if not Path(path).exists():
+        raise FileNotFoundError(
+            f"model.init_args.reward.model: {path} does not exist (train the reward model "
+            "first: its stage's output_dir)"
+        )
+    try:
+        return read_reward_model_info(path)
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"model.init_args.reward.model: {err}") from None
+
+
 def _same_model(a: str, b: str) -> bool:
     return os.path.realpath(os.path.expanduser(a)) == os.path.realpath(os.path.expanduser(b))
 

@@ -80,6 +80,9 @@ class UpdateSettings:
         gamma: GAE discount.
         lam: GAE lambda.
         whiten_advantages: standardise advantages over the buffer's valid tokens.
+        max_nonfinite_steps: a minibatch update whose rewards, advantages, returns, loss or
+            gradient are not finite is skipped (and counted); this many skipped in a row stop
+            the run with an error naming what went non-finite (``0``: never stop).
     """
 
     ppo_epochs: int = 4
@@ -94,3 +97,8 @@ class UpdateSettings:
     gamma: float = 1.0
     lam: float = 0.95
     whiten_advantages: bool = True
+    max_nonfinite_steps: int = 16
+
+    def __post_init__(self) -> None:
+        if self.max_nonfinite_steps < 0:
+            raise ValueError(f"max_nonfinite_steps must be >= 0 (got {self.max_nonfinite_steps})")

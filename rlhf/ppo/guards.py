@@ -1,0 +1,99 @@
+"""Non-finite guards for PPO updates: find what went NaN/inf, skip that minibatch, count it,
+and stop the run after too many bad minibatches in a row.
+
+A PPO minibatch update is skipped (no optimizer step) when any of its inputs or results is not
+finite: the rewards, advantages or returns of its rollout rows, the loss, or the gradient. One
+bad batch of prompts (a reward model that overflowed on a strange response) then costs one
+iteration's updates, not the run; a policy that has diverged stops the run with a message that
+says what went non-finite and where, instead of training on NaN.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+# The order things are named in messages: causes before what they spoil.
+CHECKED = ("reward", "kl", "advantage", "return", "value", "loss", "gradient")
+
+
+class NonFiniteError(RuntimeError):
+    """Too many consecutive PPO minibatch updates had non-finite values."""
+
+
+def join_names(names: Iterable[str]) -> str:
+    """``reward``, ``reward and loss``, ``reward, advantage and loss`` (in :data:`CHECKED` order)."""
+    rank = {name: i for i, name in enumerate(CHECKED)}
+    ordered = sorted(set(names), key=lambda n: (rank.get(n, len(CHECKED)), n))
+    if len(ordered) < 2:
+        return ordered[0] if ordered else "values"
+    return ", ".join(ordered[:-1]) + " and " + ordered[-1]
+
+
+def nonfinite_names(tensors: Mapping[str, torch.Tensor | None]) -> list[str]:
+    """Names of the tensors in ``tensors`` (any shapes; ``None`` skipped) holding a NaN or inf."""
+    return [name for name, t in tensors.items() if t is not None and not bool(torch.isfinite(t).all())]
+
+
+def gradients_finite(parameters: Iterable[torch.nn.Parameter]) -> bool:
+    """Whether every gradient of ``parameters`` is finite (parameters without one are skipped).
+    Sharded (DTensor) gradients are checked shard by shard on this process only."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    grads = [g.to_local() if hasattr(g, "to_local") else g for g in grads]
+    if not grads:
+        return True
+    # The max-abs norm: NaN and inf pass through it, and unlike the 2-norm it cannot
+    # overflow for a huge but finite gradient.
+    return bool(torch.isfinite(torch.nn.utils.get_total_norm(grads, norm_type=float("inf"))))
+
+
+@dataclass
+class NonFiniteGuard:
+    """Counts skipped minibatch updates and raises once ``max_consecutive`` in a row were bad.
+
+    Attributes:
+        max_consecutive: bad updates in a row that stop the run (``0`` never stops it).
+        consecutive: bad updates since the last good one.
+        skipped: all bad updates so far.
+        names: what was non-finite during the current run of bad updates.
+    """
+
+    max_consecutive: int = 16
+    consecutive: int = 0
+    skipped: int = 0
+    names: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.max_consecutive < 0:
+            raise ValueError(f"max_nonfinite_steps must be >= 0, got {self.max_consecutive}")
+
+    def good(self) -> None:
+        """Record an update that went through."""
+        self.consecutive = 0
+        self.names = []
+
+    def bad(self, names: list[str], **where: Any) -> None:
+        """Record a skipped update; ``names`` say what was non-finite, ``where`` locates it
+        (iteration, epoch, minibatch). Raises :class:`NonFiniteError` at the limit."""
+        self.consecutive += 1
+        self.skipped += 1
+        self.names += [name for name in names if name not in self.names]
+        if self.max_consecutive and self.consecutive >= self.max_consecutive:
+            place = ", ".join(f"{k} {v}" for k, v in where.items())
+            raise NonFiniteError(
+                f"non-finite {join_names(self.names)} in PPO (last at {place}): "
+                f"{self.consecutive} minibatch updates in a row were skipped "
+                f"(update.max_nonfinite_steps = {self.max_consecutive}); stopping. "
+                f"{self.skipped} skipped in all. Check the reward model's scores, lower the "
+                "learning rate, or clip rewards (reward.clip)."
+            )
+
+    def state_dict(self) -> dict[str, int]:
+        return {"consecutive": self.consecutive, "skipped": self.skipped}
+
+    def load_state_dict(self, state: Mapping[str, int]) -> None:
+        self.consecutive = int(state.get("consecutive", 0))
+        self.skipped = int(state.get("skipped", 0))
