@@ -3,7 +3,6 @@
 import json
 
 import pytest
-import torch
 
 from rlhf.data.collate import IGNORE_INDEX
 from rlhf.data.datamodules import (

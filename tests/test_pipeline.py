@@ -4,7 +4,6 @@ the tiny SFT -> RM -> PPO -> evaluate -> export recipe end to end."""
 from __future__ import annotations
 
 import json
-import sys
 
 import pytest
 import yaml
