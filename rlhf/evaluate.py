@@ -40,6 +40,7 @@ from rlhf.policies import (
     generate,
     load_policy,
     prompt_batches,
+    resolve_device,
     resolve_model_dir,
     response_logprob_sums,
     same_model,
@@ -209,12 +210,6 @@ def _quote(text: str) -> str:
 
 
 # ---------------------------------------------------------------------------------- sampling
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def _autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16-mixed")
 
@@ -318,7 +313,7 @@ def evaluate(
 
     if not policies:
         raise ValueError("no policies to evaluate")
-    dev = _device(device)
+    dev = resolve_device(device)
     batches, prompts = prompt_batches(data, split, limit)
     texts = [conversation_text(p) for p in prompts]
     tokenizer = data.tokenizer

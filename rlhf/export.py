@@ -35,7 +35,7 @@ from rlhf.data.datamodules import PromptDataModule
 from rlhf.data.records import Conversation
 from rlhf.data.sources import DataSource
 from rlhf.gold import GOLD_FUNCTIONS, competition_ranks, gold_function
-from rlhf.policies import generate, load_policy, prompt_batches, resolve_model_dir
+from rlhf.policies import generate, load_policy, prompt_batches, resolve_device, resolve_model_dir
 from rlhf.ppo.settings import SamplingSettings
 
 log = logging.getLogger("rlhf.export")
@@ -153,7 +153,7 @@ def export_rankings(
     """Sample ``k`` responses per prompt from ``policy`` and write the ranking file ``out``."""
     if k < 2:
         raise ValueError(f"k must be >= 2 to rank anything, got {k}")
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else "cpu" if device == "auto" else device)
+    dev = resolve_device(device)
     batches, prompts = prompt_batches(data, split, limit)
     model = load_policy(policy, dev)
     torch.manual_seed(seed)

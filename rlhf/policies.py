@@ -49,6 +49,13 @@ def same_model(a: str | os.PathLike, b: str | os.PathLike) -> bool:
     return os.path.realpath(os.path.expanduser(a)) == os.path.realpath(os.path.expanduser(b))
 
 
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto``: CUDA when available, else the CPU; otherwise ``torch.device(name)``."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
 def load_policy(path: str | os.PathLike, device: torch.device, dtype: str = "auto") -> nn.Module:
     """Load the model behind ``path`` (see :func:`resolve_model_dir`) in eval mode on ``device``."""
     model = load_causal_lm(ModelSettings(resolve_model_dir(path), dtype=dtype))
