@@ -34,16 +34,19 @@ import torch
 
 from rlhf.data.datamodules import PromptDataModule
 from rlhf.data.records import conversation_text
-from rlhf.data.sources import DataSource
 from rlhf.outputs import atomic_directory
 from rlhf.policies import (
+    add_prompt_sampling_arguments,
+    autocast_for,
     generate,
     load_policy,
     prompt_batches,
+    prompt_data_from_args,
     resolve_device,
     resolve_model_dir,
     response_logprob_sums,
     same_model,
+    sampling_from_args,
 )
 from rlhf.ppo.settings import SamplingSettings
 
@@ -210,10 +213,6 @@ def _quote(text: str) -> str:
 
 
 # ---------------------------------------------------------------------------------- sampling
-def _autocast(device: torch.device, precision: str):
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16-mixed")
-
-
 @torch.no_grad()
 def sample_policy(
     name: str,
@@ -240,7 +239,7 @@ def sample_policy(
     for sample in range(samples_per_prompt):
         for batch in batches:
             ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-            with _autocast(device, precision):
+            with autocast_for(device, precision):
                 gen = generate(model, ids, mask, sampling, eos, pad)
                 logp = response_logprob_sums(model, gen, sampling.temperature)
                 ref = logp if reference is model else response_logprob_sums(reference, gen, sampling.temperature)
@@ -383,26 +382,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a policy (stage output or model dir); repeat; the first is the baseline")
     p.add_argument("--reward", required=True, help="saved reward model (rlhf.rm output)")
     p.add_argument("--reference", required=True, help="KL reference policy (the SFT output)")
-    p.add_argument("--data", nargs="+", required=True, help="prompt files (as in the PPO config)")
-    p.add_argument("--schema", default="fields", choices=["fields", "hh_rlhf", "alpaca"])
-    p.add_argument("--split", default="val", choices=["val", "train", "all"])
-    p.add_argument("--val-fraction", type=float, default=0.05)
-    p.add_argument("--split-seed", type=int, default=0)
-    p.add_argument("--limit", type=int, default=None, help="use at most this many prompts")
-    p.add_argument("--max-length", type=int, default=512)
-    p.add_argument("--max-prompt-length", type=int, default=256)
-    p.add_argument("--batch-size", type=int, default=16)
+    add_prompt_sampling_arguments(p, split="val", batch_size=16, temperature=0.7)
     p.add_argument("--samples-per-prompt", type=int, default=1)
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.7)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--precision", default="bf16-mixed", choices=["32", "bf16-mixed"])
     p.add_argument("--show", type=int, default=5, help="side-by-side samples in report.md")
     p.add_argument("--out", required=True, help="output directory (report.json, report.md)")
-    p.add_argument("--no-progress", action="store_true")
     p.add_argument("--wandb-project", default=None,
                    help="also log to a W&B run in this project (offline unless WANDB_MODE=online)")
     return p
@@ -414,17 +397,8 @@ def main(argv: Sequence[str] | None = None) -> Report:
     policies = dict(args.policy)
     if len(policies) != len(args.policy):
         raise SystemExit("policy names must be unique")
-    data = PromptDataModule(
-        train=[DataSource(path=p, schema=args.schema) for p in args.data],
-        val_fraction=args.val_fraction if args.split != "all" else 0.0,
-        split_seed=args.split_seed,
-        tokenizer=resolve_model_dir(args.reference),
-        max_length=args.max_length,
-        max_prompt_length=args.max_prompt_length,
-        batch_size=args.batch_size,
-        on_bad_row="skip",
-    )
-    sampling = SamplingSettings(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
+    data = prompt_data_from_args(args, tokenizer=resolve_model_dir(args.reference))
+    sampling = sampling_from_args(args)
     report = evaluate(
         policies, args.reward, args.reference, data, sampling, split=args.split, limit=args.limit,
         samples_per_prompt=args.samples_per_prompt, seed=args.seed, device=args.device,

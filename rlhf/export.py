@@ -33,9 +33,18 @@ import torch
 
 from rlhf.data.datamodules import PromptDataModule
 from rlhf.data.records import Conversation
-from rlhf.data.sources import DataSource
 from rlhf.gold import GOLD_FUNCTIONS, competition_ranks, gold_function
-from rlhf.policies import generate, load_policy, prompt_batches, resolve_device, resolve_model_dir
+from rlhf.policies import (
+    add_prompt_sampling_arguments,
+    autocast_for,
+    generate,
+    load_policy,
+    prompt_batches,
+    prompt_data_from_args,
+    resolve_device,
+    resolve_model_dir,
+    sampling_from_args,
+)
 from rlhf.ppo.settings import SamplingSettings
 
 log = logging.getLogger("rlhf.export")
@@ -109,7 +118,7 @@ def sample_k(
     for batch in batches:
         ids = batch["input_ids"].to(device).repeat_interleave(k, dim=0)
         mask = batch["attention_mask"].to(device).repeat_interleave(k, dim=0)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
+        with autocast_for(device, precision):
             gen = generate(model, ids, mask, sampling, eos, pad)
         for row in range(len(ids)):
             prompt_id = int(batch["index"][row // k])
@@ -178,38 +187,13 @@ def main(argv: Sequence[str] | None = None) -> ExportStats:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     p = argparse.ArgumentParser(prog="python -m rlhf.export", description=__doc__.split("\n\n")[0])
     p.add_argument("--policy", required=True, help="stage output or model dir to sample from")
-    p.add_argument("--data", nargs="+", required=True, help="prompt files")
-    p.add_argument("--schema", default="fields", choices=["fields", "hh_rlhf", "alpaca"])
-    p.add_argument("--split", default="train", choices=["val", "train", "all"])
-    p.add_argument("--val-fraction", type=float, default=0.05)
-    p.add_argument("--split-seed", type=int, default=0)
-    p.add_argument("--limit", type=int, default=None)
-    p.add_argument("--k", type=int, default=4, help="samples per prompt")
+    add_prompt_sampling_arguments(p, split="train", batch_size=8, temperature=1.0)
+    p.add_argument("--k", type=int, default=4, help="samples per prompt (batch-size x k sequences a batch)")
     p.add_argument("--gold", choices=sorted(GOLD_FUNCTIONS), default=None, help="rank with a gold function")
-    p.add_argument("--max-length", type=int, default=512)
-    p.add_argument("--max-prompt-length", type=int, default=256)
-    p.add_argument("--batch-size", type=int, default=8, help="prompts per batch (x k sequences)")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--precision", default="bf16-mixed", choices=["32", "bf16-mixed"])
     p.add_argument("--out", required=True, help="ranking file to write (.jsonl)")
-    p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
-    data = PromptDataModule(
-        train=[DataSource(path=path, schema=args.schema) for path in args.data],
-        val_fraction=args.val_fraction if args.split != "all" else 0.0,
-        split_seed=args.split_seed,
-        tokenizer=resolve_model_dir(args.policy),
-        max_length=args.max_length,
-        max_prompt_length=args.max_prompt_length,
-        batch_size=args.batch_size,
-        on_bad_row="skip",
-    )
-    sampling = SamplingSettings(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
+    data = prompt_data_from_args(args, tokenizer=resolve_model_dir(args.policy))
+    sampling = sampling_from_args(args)
     stats = export_rankings(
         args.policy, data, args.out, args.k, sampling, args.gold, args.split, args.limit,
         args.seed, args.device, args.precision, not args.no_progress,

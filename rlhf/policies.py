@@ -8,6 +8,7 @@ or Hub id. Batches are the left-padded prompt batches of
 
 from __future__ import annotations
 
+import argparse
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,7 @@ from torch import nn
 
 from rlhf.data.datamodules import PromptDataModule
 from rlhf.data.records import Conversation
+from rlhf.data.sources import DataSource
 from rlhf.models.loading import ModelSettings, load_causal_lm
 from rlhf.outputs import read_stage_marker
 from rlhf.ppo.masks import masked_sum
@@ -147,3 +149,51 @@ def prompt_batches(
     collate = data.collator()
     size = data.eval_batch_size
     return [collate(items[i : i + size]) for i in range(0, len(items), size)], prompts
+
+
+def autocast_for(device: torch.device, precision: str):
+    """bf16 autocast on ``device`` when ``precision`` is ``bf16-mixed``, else a no-op context."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16-mixed")
+
+
+# ------------------------------------------------------------------ the CLIs' shared arguments
+def add_prompt_sampling_arguments(
+    p: argparse.ArgumentParser, split: str, batch_size: int, temperature: float
+) -> None:
+    """Prompt source/split, truncation, sampling and device arguments (``rlhf.evaluate``,
+    ``rlhf.export``); the defaults that differ between them are parameters."""
+    p.add_argument("--data", nargs="+", required=True, help="prompt files")
+    p.add_argument("--schema", default="fields", choices=["fields", "hh_rlhf", "alpaca"])
+    p.add_argument("--split", default=split, choices=["val", "train", "all"])
+    p.add_argument("--val-fraction", type=float, default=0.05)
+    p.add_argument("--split-seed", type=int, default=0)
+    p.add_argument("--limit", type=int, default=None, help="use at most this many prompts")
+    p.add_argument("--max-length", type=int, default=512)
+    p.add_argument("--max-prompt-length", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=batch_size, help="prompts per batch")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=temperature)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--precision", default="bf16-mixed", choices=["32", "bf16-mixed"])
+    p.add_argument("--no-progress", action="store_true")
+
+
+def prompt_data_from_args(args: argparse.Namespace, tokenizer: str) -> PromptDataModule:
+    """The prompt data module those arguments describe (bad rows skipped and counted)."""
+    return PromptDataModule(
+        train=[DataSource(path=path, schema=args.schema) for path in args.data],
+        val_fraction=args.val_fraction if args.split != "all" else 0.0,
+        split_seed=args.split_seed,
+        tokenizer=tokenizer,
+        max_length=args.max_length,
+        max_prompt_length=args.max_prompt_length,
+        batch_size=args.batch_size,
+        on_bad_row="skip",
+    )
+
+
+def sampling_from_args(args: argparse.Namespace) -> SamplingSettings:
+    return SamplingSettings(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
