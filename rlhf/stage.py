@@ -8,6 +8,7 @@ from typing import Any
 import lightning as L
 import torch
 
+from rlhf.distributed import consolidate_on_rank_zero
 from rlhf.models.loading import LoraSettings, ModelSettings, load_tokenizer, resolve_model_path
 
 # Hyperparameters hold these dataclasses; let Lightning's weights-only checkpoint loading read them.
@@ -134,6 +135,7 @@ class StageModule(L.LightningModule):
     def on_train_end(self) -> None:
         if self.output_dir is None or self.trainer.interrupted:
             return
+        consolidate_on_rank_zero(self)  # sharded (FSDP) runs: full weights on rank 0
         if self.trainer.is_global_zero:
             self.save_outputs(self.output_dir)
         self.trainer.strategy.barrier("rlhf-save-outputs")

@@ -43,6 +43,7 @@ def gradients_finite(parameters: Iterable[torch.nn.Parameter]) -> bool:
     Sharded (DTensor) gradients are checked shard by shard on this process only."""
     grads = [p.grad for p in parameters if p.grad is not None]
     grads = [g.to_local() if hasattr(g, "to_local") else g for g in grads]
+    grads = [g for g in grads if g.numel()]  # a process may hold an empty shard (FSDP2)
     if not grads:
         return True
     # The max-abs norm: NaN and inf pass through it, and unlike the 2-norm it cannot

@@ -31,6 +31,7 @@ from peft import PeftModel
 from torch import nn
 
 from rlhf.data.records import conversation_text
+from rlhf.distributed import shard_model
 from rlhf.models.forward import disable_dropout
 from rlhf.models.loading import ModelSettings, apply_lora, load_causal_lm
 from rlhf.outputs import atomic_directory, atomic_file, write_stage_marker
@@ -55,6 +56,7 @@ from rlhf.ppo.rollout import (
     trunk_hidden,
 )
 from rlhf.ppo.settings import KLSettings, RewardSettings, SamplingSettings, UpdateSettings
+from rlhf.ppo.timing import phase, timed
 from rlhf.stage import StageModule
 
 log = logging.getLogger("rlhf.ppo")
@@ -179,6 +181,9 @@ class PPOModule(StageModule):
         if self.scorer is None:
             self.scorer = self.build_scorer()
             disable_dropout(self.model)  # a shared reward adapter was just added
+        # FSDP only; after the scorer, so a shared reward adapter is sharded with its layers.
+        heads = [self.value_head] if self.value_head is not None else []
+        shard_model(self, model.get_base_model(), model, heads)
 
     def setup(self, stage: str) -> None:
         super().setup(stage)
@@ -300,6 +305,7 @@ class PPOModule(StageModule):
             scores = torch.where(has_eos, scores, torch.full_like(scores, settings.missing_eos_penalty))
         return scores
 
+    @timed("rollout")
     @torch.no_grad()
     def make_rollout(self, batch: dict[str, torch.Tensor]) -> Rollout:
         """Sample, score and compute advantages for one batch of prompts (the buffer)."""
@@ -313,9 +319,12 @@ class PPOModule(StageModule):
             prompt_ids, prompt_mask, responses, eos, pad
         )
         start = prompt_ids.shape[1]
-        _, logprobs, values = self.policy_forward(input_ids, attention_mask, start)
-        ref_logprobs = self.reference_logprobs(input_ids, attention_mask, start)
-        raw_scores = self.scorer(input_ids, attention_mask).float()
+        with phase("policy_value"):
+            _, logprobs, values = self.policy_forward(input_ids, attention_mask, start)
+        with phase("reference"):
+            ref_logprobs = self.reference_logprobs(input_ids, attention_mask, start)
+        with phase("reward"):
+            raw_scores = self.scorer(input_ids, attention_mask).float()
         lengths = response_mask.sum(dim=1)
         scores = self.shape_scores(raw_scores, has_eos, lengths)
         kl = kl_estimate(logprobs, ref_logprobs, self.kl_settings.estimator) * response_mask
@@ -373,8 +382,15 @@ class PPOModule(StageModule):
         u = self.update_settings
         logits, logp, values = self.policy_forward(mb.input_ids, mb.attention_mask, mb.response_start)
         pg_loss, stats = policy_loss(logp, mb.logprobs, mb.advantages, mb.response_mask, u.clip_range)
-        entropy = masked_mean(entropy_from_logits(logits), mb.response_mask)
-        loss = pg_loss - u.entropy_coef * entropy
+        if u.entropy_coef == 0:
+            # Logged only: keep the [B, R, V] softmax out of the autograd graph (a quarter of
+            # the update's time on a 49k vocabulary, and its activation memory).
+            with torch.no_grad():
+                entropy = masked_mean(entropy_from_logits(logits), mb.response_mask)
+            loss = pg_loss
+        else:
+            entropy = masked_mean(entropy_from_logits(logits), mb.response_mask)
+            loss = pg_loss - u.entropy_coef * entropy
         stats = {**stats, "policy_loss": pg_loss.detach(), "entropy": entropy.detach()}
         if values is not None:
             vf_loss, vstats = value_loss(values, mb.values, mb.returns, mb.response_mask, u.value_clip_range)
@@ -394,6 +410,11 @@ class PPOModule(StageModule):
             "value": mb.values if critic else None,
         })
 
+    def _mean_over_processes(self, value: float) -> float:
+        """``value`` averaged over the processes of a multi-process run (so they all decide alike)."""
+        return float(self.trainer.strategy.reduce(torch.tensor(value, device=self.device), reduce_op="mean"))
+
+    @timed("update")
     def ppo_update(self, rollout: Rollout) -> dict[str, float]:
         """``ppo_epochs`` passes over shuffled minibatches; returns the mean of each stat over
         the updates made, and ``skipped``: minibatch updates skipped because something was not
@@ -415,14 +436,18 @@ class PPOModule(StageModule):
                 mb_index = order[mb_start : mb_start + minibatch]
                 mb_stats: dict[str, float] = {}
                 bad = self.nonfinite_inputs(rollout.select(mb_index))
+                # Multi-process runs (DDP, FSDP): every forward/backward is a collective, so the
+                # processes skip together or compute together.
+                if self.trainer.strategy.reduce_boolean_decision(bool(bad), all=False) and not bad:
+                    bad = ["values (on another process)"]
+                skip = bool(bad)
                 for mc_start in range(0, len(mb_index), micro):
-                    if bad:
+                    if skip:
                         break
                     part = rollout.select(mb_index[mc_start : mc_start + micro])
                     loss, stats = self.minibatch_loss(part)
                     if not bool(torch.isfinite(loss)):
-                        bad = ["loss"]
-                        break
+                        bad = ["loss"]  # still backpropagated (see above); the update is skipped
                     weight = len(part) / len(mb_index)
                     self.manual_backward(loss * weight)
                     for key, value in stats.items():
@@ -447,7 +472,9 @@ class PPOModule(StageModule):
                 for key, value in mb_stats.items():
                     totals[key] = totals.get(key, 0.0) + value
                 count += 1
-                if u.target_approx_kl is not None and mb_stats["approx_kl"] > u.target_approx_kl:
+                if u.target_approx_kl is not None and (
+                    self._mean_over_processes(mb_stats["approx_kl"]) > u.target_approx_kl
+                ):
                     stopped_early = True
                     break
             if stopped_early:

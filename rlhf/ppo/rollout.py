@@ -14,10 +14,12 @@ import torch
 from torch import nn
 from transformers import GenerationConfig
 
+from rlhf.distributed import root_forward, synced_generation
 from rlhf.models.forward import position_ids_from_mask
 from rlhf.ppo.losses import logprobs_from_logits
 from rlhf.ppo.masks import response_mask_from_eos
 from rlhf.ppo.settings import SamplingSettings
+from rlhf.ppo.timing import timed
 
 
 def causal_lm_of(model: nn.Module) -> nn.Module:
@@ -26,9 +28,12 @@ def causal_lm_of(model: nn.Module) -> nn.Module:
 
 
 def trunk_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Final hidden states ``[batch, seq, hidden]`` of the decoder, skipping the LM head."""
-    decoder = causal_lm_of(model).get_decoder()
-    return decoder(
+    """Final hidden states ``[batch, seq, hidden]`` of the decoder, skipping the LM head
+    (run as a forward of the causal LM, which FSDP2 needs: see :func:`rlhf.distributed.root_forward`)."""
+    lm = causal_lm_of(model)
+    return root_forward(
+        lm,
+        lm.get_decoder(),
         input_ids=input_ids,
         attention_mask=attention_mask,
         position_ids=position_ids_from_mask(attention_mask),
@@ -41,11 +46,14 @@ def response_logits(model: nn.Module, hidden: torch.Tensor, response_start: int)
 
     The hidden state at column ``t`` predicts token ``t + 1``, so response token ``i`` (column
     ``response_start + i``) is predicted from column ``response_start + i - 1``.
+    The slice is made contiguous first: a strided 3-D input makes ``nn.Linear`` fall back to a
+    batched matmul against the broadcast weight, ~1.7x slower for a large vocabulary on CPU.
     """
-    head = causal_lm_of(model).get_output_embeddings()
-    return head(hidden[:, response_start - 1 : -1])
+    lm = causal_lm_of(model)
+    return root_forward(lm, lm.get_output_embeddings(), hidden[:, response_start - 1 : -1].contiguous())
 
 
+@timed("generation")
 @torch.no_grad()
 def sample_responses(
     model: nn.Module,
@@ -59,7 +67,8 @@ def sample_responses(
 
     Every logits processor is set explicitly: ``generate`` fills unset (``None``) fields from
     the model's generation config and global defaults (``top_k=50``), which would make the
-    sampling distribution differ from the one log-probs are computed under.
+    sampling distribution differ from the one log-probs are computed under. A sharded model
+    (FSDP) steps in lockstep on every rank until all ranks are done (``synced_gpus``).
     """
     config = GenerationConfig(
         do_sample=True,
@@ -78,7 +87,10 @@ def sample_responses(
         pad_token_id=pad_id,
         use_cache=True,
     )
-    out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
+    out = model.generate(
+        input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
+        synced_gpus=synced_generation(model),
+    )
     return out[:, input_ids.shape[1] :]
 
 

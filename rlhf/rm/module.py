@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torchmetrics import CatMetric, MeanMetric, Metric
 
+from rlhf.distributed import shard_model
 from rlhf.models.loading import ModelSettings, apply_lora, load_causal_lm
 from rlhf.outputs import atomic_directory, write_stage_marker
 from rlhf.rm.loss import bradley_terry_loss
@@ -88,6 +89,7 @@ class RewardModule(StageModule):
         # from_pretrained returns eval mode and Lightning keeps modules' modes; train mode is
         # needed for gradient checkpointing (dropout is 0 either way).
         self.model = RewardModel(backbone).train()
+        shard_model(self, self.model, self.model)  # FSDP only
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Scores ``[n_seq]`` (fp32)."""
@@ -164,8 +166,9 @@ class RewardModule(StageModule):
     @torch.no_grad()
     def score_statistics(self, loader: Any, max_rows: int | None = None) -> dict[str, float]:
         """Mean and sample std of the scores of (at most ``max_rows``) sequences of ``loader``."""
-        std = StdMetric().to(self.device)
-        mean = MeanMetric().to(self.device)
+        # Local to this process (rank 0 alone runs this when saving): no cross-process sync.
+        std = StdMetric(sync_on_compute=False).to(self.device)
+        mean = MeanMetric(sync_on_compute=False).to(self.device)
         rows = 0
         was_training = self.model.training
         self.model.eval()

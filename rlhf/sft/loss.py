@@ -18,9 +18,11 @@ def response_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tens
     Returns:
         ``(nll_sum, n_tokens)``: scalars; position ``t`` predicts ``labels[:, t + 1]``.
     """
-    targets = labels[:, 1:]
+    # Shift the labels, not the logits: ``logits[:, :-1]`` is strided, and flattening it
+    # would copy the whole ``[batch, seq, vocab]`` tensor (the largest of the step).
+    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
     nll = F.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(),
+        logits.flatten(0, 1).float(),
         targets.flatten(),
         ignore_index=IGNORE_INDEX,
         reduction="sum",

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from rlhf.distributed import language_model, shard_model
 from rlhf.models.loading import ModelSettings, apply_lora, load_causal_lm
 from rlhf.outputs import atomic_directory, write_stage_marker
 from rlhf.sft.loss import response_nll
@@ -55,6 +56,7 @@ class SFTModule(StageModule):
         # from_pretrained returns eval mode and Lightning keeps module modes: train mode is
         # what makes dropout and gradient checkpointing act.
         self.model = model.train()
+        shard_model(self, language_model(model), model)  # FSDP only
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Logits ``[batch, seq, vocab]``."""
