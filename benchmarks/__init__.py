@@ -1,0 +1,1 @@
+"""Side-by-side benchmarks of rlhf against TRL (``python -m benchmarks.ppo_vs_trl``)."""

@@ -1,0 +1,307 @@
+"""One PPO run per process: ours (Lightning ``PPOModule``) or TRL's ``PPOTrainer``, on the same
+assets and settings, timed per iteration; or an import-only baseline.
+
+Each worker is started by :mod:`benchmarks.ppo_vs_trl` as
+``python -m benchmarks.workers SPEC.json RESULT.json`` so that its peak RSS
+(``ru_maxrss``) is its own. Iteration time is measured the same way for both: wall time
+between the ends of consecutive PPO iterations (Lightning's ``on_train_batch_end``, TRL's
+``on_step_end``), so data fetching, logging and bookkeeping count for both.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "disabled")
+
+
+@dataclass
+class RunSpec:
+    """One trainer's run: assets, batch shape and PPO settings (matched across trainers)."""
+
+    trainer: str  # "ours", "trl", "baseline-ours" or "baseline-trl"
+    base: str = ""
+    rm: str = ""
+    prompts: str = ""
+    batch_size: int = 8
+    response_length: int = 32
+    ppo_epochs: int = 4
+    warmup: int = 1
+    iterations: int = 3
+    lr: float = 1e-5
+    lora_r: int = 8
+    lora_alpha: int = 16
+    temperature: float = 0.7
+    kl_coef: float = 0.05
+    seed: int = 0
+    threads: int | None = None
+    share_reward_base: bool = True
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size so far (Linux reports ``ru_maxrss`` in KiB)."""
+    scale = 1 if sys.platform == "darwin" else 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
+def load_prompts(path: str) -> list[list[int]]:
+    """The fixed-length prompt token ids of an asset directory's ``prompts.json``."""
+    return json.loads(Path(path).read_text())["rows"]
+
+
+# -- ours ------------------------------------------------------------------------------------
+def run_ours(spec: RunSpec) -> dict[str, Any]:
+    """Fit :class:`rlhf.ppo.PPOModule` for ``warmup + iterations`` iterations; per-iteration
+    wall time, phase breakdown (:mod:`rlhf.ppo.timing`) and generated tokens."""
+    import lightning as L
+    import torch
+    from torch.utils.data import DataLoader
+
+    from rlhf.models.loading import LoraSettings, ModelSettings
+    from rlhf.ppo.module import PPOModule
+    from rlhf.ppo.settings import KLSettings, RewardSettings, SamplingSettings, UpdateSettings
+    from rlhf.ppo.timing import PhaseTimes, recording
+
+    import_rss = peak_rss_bytes()
+    rows = load_prompts(spec.prompts)
+
+    class FixedPrompts(L.LightningDataModule):
+        """Pre-tokenised, equal-length prompts in order (what ``PromptDataModule`` yields)."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.batch_size = spec.batch_size
+            self.max_prompt_length = len(rows[0])
+
+        def train_dataloader(self) -> DataLoader:
+            items = [{"input_ids": torch.tensor(r), "attention_mask": torch.ones(len(r), dtype=torch.long),
+                      "index": torch.tensor(i)} for i, r in enumerate(rows)]
+            return DataLoader(items, batch_size=spec.batch_size, shuffle=False, drop_last=True)
+
+    class Clock(L.Callback):
+        """Iteration wall times, phase times and response tokens, one entry per iteration."""
+
+        def __init__(self) -> None:
+            self.seconds: list[float] = []
+            self.phases: list[dict[str, float]] = []
+            self.tokens: list[float] = []
+            self._last = 0.0
+            self._recording: Any = None
+            self._times: PhaseTimes | None = None
+
+        def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+            self._last = time.perf_counter()
+
+        def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                                 batch_idx: int) -> None:
+            self._times = PhaseTimes()
+            self._recording = recording(self._times)
+            self._recording.__enter__()
+
+        def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any,
+                               batch: Any, batch_idx: int) -> None:
+            now = time.perf_counter()
+            self._recording.__exit__(None, None, None)
+            self.seconds.append(now - self._last)
+            self._last = now
+            self.phases.append(dict(self._times.seconds))
+            length = float(trainer.callback_metrics["response/length"])
+            self.tokens.append(length * spec.batch_size)
+
+    torch.manual_seed(spec.seed)
+    setup_start = time.perf_counter()
+    module = PPOModule(
+        base=ModelSettings(spec.base, dtype="float32", lora=LoraSettings(r=spec.lora_r, alpha=spec.lora_alpha)),
+        # Raw RM scores as TRL uses them: no normalisation, clipping or missing-EOS penalty.
+        reward=RewardSettings(model=spec.rm, normalize=False, clip=None, missing_eos_penalty=None,
+                              share_base=spec.share_reward_base),
+        sampling=SamplingSettings(max_new_tokens=spec.response_length, temperature=spec.temperature),
+        kl=KLSettings(coef=spec.kl_coef, estimator="k1"),
+        # One optimizer step per epoch (minibatch = batch) and no gradient clipping, as TRL's loop.
+        update=UpdateSettings(ppo_epochs=spec.ppo_epochs, minibatch_size=None, max_grad_norm=None),
+        estimator="gae", critic="shared",
+        iterations=spec.warmup + spec.iterations, sample_every=0, lr=spec.lr, output_dir=None,
+    )
+    clock = Clock()
+    with tempfile.TemporaryDirectory() as root:
+        trainer = L.Trainer(
+            accelerator="auto", devices=1, max_epochs=-1, logger=False, enable_checkpointing=False,
+            enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+            num_sanity_val_steps=0, callbacks=[clock], default_root_dir=root,
+        )
+        trainer.fit(module, datamodule=FixedPrompts())
+    trainable = sum(p.numel() for p in module.trainable_parameters())
+    return {
+        "iteration_seconds": clock.seconds, "phases": clock.phases, "response_tokens": clock.tokens,
+        "import_rss_bytes": import_rss, "setup_and_fit_seconds": time.perf_counter() - setup_start,
+        "trainable_params": trainable,
+    }
+
+
+# -- TRL -------------------------------------------------------------------------------------
+def _sequence_classifier(rm_dir: str, pad_token_id: int) -> Any:
+    """Our saved reward model (merged backbone + head) as an ``AutoModelForSequenceClassification``."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForSequenceClassification
+
+    info = json.loads((Path(rm_dir) / "reward_model.json").read_text())
+    model = AutoModelForSequenceClassification.from_pretrained(
+        str(Path(rm_dir) / info["model_dir"]), num_labels=1, dtype=torch.float32, local_files_only=True
+    )
+    head = load_file(str(Path(rm_dir) / info["score_head"]))
+    if float(head["bias"].abs().max()) != 0.0:
+        raise ValueError("TRL's score layer has no bias: build the RM with a zero head bias")
+    with torch.no_grad():
+        model.score.weight.copy_(head["weight"])
+    model.config.pad_token_id = pad_token_id
+    return model
+
+
+def run_trl(spec: RunSpec) -> dict[str, Any]:
+    """Train with TRL's ``PPOTrainer`` for ``warmup + iterations`` iterations; per-iteration
+    wall time and the time of its generation, reference, value and reward calls."""
+    import torch
+    import trl.experimental.ppo.ppo_trainer as ppo_trainer
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl.experimental.ppo import PPOConfig, PPOTrainer
+
+    from benchmarks.assets import LORA_TARGETS
+
+    import_rss = peak_rss_bytes()
+    rows = load_prompts(spec.prompts)
+    n = spec.warmup + spec.iterations
+    phase_times: dict[str, float] = {}
+
+    def add(name: str, seconds: float) -> None:
+        phase_times[name] = phase_times.get(name, 0.0) + seconds
+
+    # Time TRL's module-level helpers where the trainer looks them up (its own names are kept).
+    original_generation, original_forward, original_reward = (
+        ppo_trainer.batch_generation, ppo_trainer.forward, ppo_trainer.get_reward)
+
+    def timed_generation(*args: Any, **kwargs: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            return original_generation(*args, **kwargs)
+        finally:
+            add("generation", time.perf_counter() - start)
+
+    def timed_forward(*args: Any, **kwargs: Any) -> Any:
+        if torch.is_grad_enabled():  # the update's policy forward: part of "update"
+            return original_forward(*args, **kwargs)
+        start = time.perf_counter()
+        try:
+            return original_forward(*args, **kwargs)
+        finally:
+            add("reference", time.perf_counter() - start)
+
+    def timed_reward(model: Any, *args: Any, **kwargs: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            return original_reward(model, *args, **kwargs)
+        finally:
+            add("reward" if model is reward_model else "value", time.perf_counter() - start)
+
+    ppo_trainer.batch_generation, ppo_trainer.forward, ppo_trainer.get_reward = (
+        timed_generation, timed_forward, timed_reward)
+
+    class Clock(TrainerCallback):
+        """Iteration wall times and phase times, one entry per PPO update."""
+
+        def __init__(self) -> None:
+            self.seconds: list[float] = []
+            self.phases: list[dict[str, float]] = []
+            self._last = 0.0
+
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            self._last = time.perf_counter()
+            phase_times.clear()
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            now = time.perf_counter()
+            self.seconds.append(now - self._last)
+            self._last = now
+            self.phases.append(dict(phase_times))
+            phase_times.clear()
+
+    torch.manual_seed(spec.seed)
+    setup_start = time.perf_counter()
+    tokenizer = AutoTokenizer.from_pretrained(spec.base, local_files_only=True)
+    tokenizer.padding_side = "left"
+    policy = AutoModelForCausalLM.from_pretrained(spec.base, dtype=torch.float32, local_files_only=True)
+    reward_model = _sequence_classifier(spec.rm, tokenizer.pad_token_id)
+    value_model = _sequence_classifier(spec.rm, tokenizer.pad_token_id)  # critic initialised from the RM
+    clock = Clock()
+    with tempfile.TemporaryDirectory() as root:
+        config = PPOConfig(
+            output_dir=root, report_to="none", save_strategy="no", seed=spec.seed,
+            per_device_train_batch_size=spec.batch_size, gradient_accumulation_steps=1, num_mini_batches=1,
+            num_ppo_epochs=spec.ppo_epochs, total_episodes=n * spec.batch_size,
+            local_rollout_forward_batch_size=spec.batch_size, response_length=spec.response_length,
+            temperature=spec.temperature, stop_token=None, missing_eos_penalty=None, kl_coef=spec.kl_coef,
+            kl_estimator="k1", learning_rate=spec.lr, num_sample_generations=0, bf16=False,
+            gradient_checkpointing=False, disable_tqdm=True, logging_steps=1, dataloader_num_workers=0,
+        )
+        trainer = PPOTrainer(
+            args=config, processing_class=tokenizer, model=policy, ref_model=None, reward_model=reward_model,
+            value_model=value_model, train_dataset=Dataset.from_dict({"input_ids": rows}),
+            eval_dataset=Dataset.from_dict({"input_ids": rows[: spec.batch_size]}),
+            peft_config=LoraConfig(r=spec.lora_r, lora_alpha=spec.lora_alpha, lora_dropout=0.0,
+                                   target_modules=LORA_TARGETS, bias="none", task_type="CAUSAL_LM"),
+            callbacks=[clock],
+        )
+        trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+        trainer.train()
+    return {
+        "iteration_seconds": clock.seconds, "phases": clock.phases,
+        "response_tokens": [float(spec.batch_size * spec.response_length)] * len(clock.seconds),
+        "import_rss_bytes": import_rss, "setup_and_fit_seconds": time.perf_counter() - setup_start,
+        "trainable_params": trainable,
+    }
+
+
+# -- import-only baselines ---------------------------------------------------------------------
+def run_baseline(spec: RunSpec) -> dict[str, Any]:
+    """Import what the matching trainer's worker imports, and nothing else."""
+    if spec.trainer == "baseline-ours":
+        import lightning  # noqa: F401
+        import torch  # noqa: F401
+
+        import rlhf.ppo.module  # noqa: F401
+    else:
+        import datasets  # noqa: F401
+        import peft  # noqa: F401
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
+        import trl.experimental.ppo  # noqa: F401
+    return {"import_rss_bytes": peak_rss_bytes()}
+
+
+def main(argv: list[str]) -> None:
+    """``SPEC.json RESULT.json``: run the spec and write its result (plus peak RSS)."""
+    spec = RunSpec(**json.loads(Path(argv[0]).read_text()))
+    if spec.threads:
+        import torch
+
+        torch.set_num_threads(spec.threads)
+    runner = {"ours": run_ours, "trl": run_trl}.get(spec.trainer, run_baseline)
+    result = runner(spec)
+    result.update(trainer=spec.trainer, spec=asdict(spec), peak_rss_bytes=peak_rss_bytes())
+    Path(argv[1]).write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

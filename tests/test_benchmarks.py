@@ -1,0 +1,68 @@
+"""The PPO-vs-TRL benchmark harness: its summary arithmetic, and one tiny side-by-side run."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks.ppo_vs_trl import OUR_PHASES, TRL_PHASES, summarize
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_summary_takes_medians_after_warmup_and_fills_the_remainders():
+    result = {
+        "trainer": "ours",
+        "spec": {"batch_size": 2},
+        "iteration_seconds": [9.0, 2.0, 4.0, 3.0],
+        "response_tokens": [8.0, 8.0, 8.0, 9.0],
+        "phases": [{}] + [
+            {"generation": 1.0, "policy_value": 0.1, "reference": 0.1, "reward": 0.1, "rollout": 1.5,
+             "update": t - 1.6} for t in (2.0, 4.0, 3.0)
+        ],
+        "peak_rss_bytes": 300 * 2**20,
+        "trainable_params": 10,
+    }
+    s = summarize(result, warmup=1, baseline_rss=100 * 2**20, phases=OUR_PHASES)
+    assert s["iteration_seconds_median"] == 3.0
+    assert s["generated_tokens_per_s"] == pytest.approx(3.0)  # median of 8/2, 8/4, 9/3
+    assert s["rss_above_baseline_mib"] == pytest.approx(200)
+    assert s["mean_response_tokens"] == pytest.approx(25 / 3 / 2)
+    assert s["phase_seconds_median"]["rollout_other"] == pytest.approx(0.2)
+    assert s["phase_seconds_median"]["other"] == pytest.approx(0.1)
+
+
+@pytest.mark.slow
+def test_tiny_side_by_side_run_writes_sane_results(tmp_path, tiny_model_dir):
+    pytest.importorskip("trl", reason="the TRL side needs the bench extra: pip install -e '.[bench]'")
+    out = tmp_path / "result.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
+    command = [sys.executable, "-m", "benchmarks.ppo_vs_trl", "--sizes", "tiny", "--response-lengths", "4",
+               "--batch-size", "2", "--prompt-length", "8", "--ppo-epochs", "1", "--warmup", "1",
+               "--iterations", "2", "--threads", "1", "--tokenizer", str(tiny_model_dir),
+               "--work-dir", str(tmp_path / "work"), "--out", str(out)]
+    proc = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "ours" in proc.stdout and "trl" in proc.stdout
+
+    report = json.loads(out.read_text())
+    assert report["machine"]["torch"] and report["machine"]["cpu_count"] >= 1
+    assert set(report["import_baseline_rss_mib"]) == {"ours", "trl"}
+    (run,) = report["runs"]
+    assert run["size"] == "tiny" and run["response_length"] == 4
+    for trainer, phases in (("ours", OUR_PHASES), ("trl", TRL_PHASES)):
+        r = run[trainer]
+        assert len(r["iteration_seconds"]) == 2
+        for key in ("iteration_seconds_median", "generated_tokens_per_s", "peak_rss_mib",
+                    "import_baseline_rss_mib", "trainable_params"):
+            assert math.isfinite(r[key]) and r[key] > 0, (trainer, key, r[key])
+        assert r["peak_rss_mib"] > r["import_baseline_rss_mib"] * 0.5
+        assert set(r["phase_seconds_median"]) == set(phases)
+        assert r["phase_seconds_median"]["generation"] > 0
+        assert 0 < r["mean_response_tokens"] <= 4
+    for key, value in run["ratios_ours_over_trl"].items():
+        assert math.isfinite(value) and value > 0, key
