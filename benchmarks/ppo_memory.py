@@ -21,17 +21,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from benchmarks.assets import DEFAULT_TOKENIZER, REPO_ROOT, SIZES, build_assets
+from benchmarks.workers import peak_rss_bytes
 
 RESULTS = REPO_ROOT / "benchmarks" / "results" / "ppo_memory.json"
 MIB = 2**20
@@ -54,11 +53,6 @@ class MemorySpec:
     lora_alpha: int = 16
     seed: int = 0
     threads: int | None = None
-
-
-def peak_rss_bytes() -> int:
-    """This process's peak resident set size (Linux reports ``ru_maxrss`` in KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
 
 
 def weight_bytes(*modules: Any) -> int:
@@ -122,42 +116,14 @@ def run_layout(spec: MemorySpec) -> dict[str, Any]:
     """Fit ``spec.iterations`` PPO iterations in ``spec.layout``; peak memory and timings."""
     import lightning as L
     import torch
-    from torch.utils.data import DataLoader
 
+    from benchmarks.loop_parts import FixedPrompts, StepClock
     from rlhf.models.loading import LoraSettings, ModelSettings
     from rlhf.ppo.module import PPOModule
     from rlhf.ppo.settings import RewardSettings, SamplingSettings, UpdateSettings
 
     rows = json.loads(Path(spec.prompts).read_text())["rows"]
     import_rss = peak_rss_bytes()
-
-    class FixedPrompts(L.LightningDataModule):
-        """Pre-tokenised equal-length prompts, in order."""
-
-        def __init__(self) -> None:
-            super().__init__()
-            self.batch_size = spec.batch_size
-            self.max_prompt_length = len(rows[0])
-
-        def train_dataloader(self) -> DataLoader:
-            items = [{"input_ids": torch.tensor(r), "attention_mask": torch.ones(len(r), dtype=torch.long),
-                      "index": torch.tensor(i)} for i, r in enumerate(rows)]
-            return DataLoader(items, batch_size=spec.batch_size, shuffle=False, drop_last=True)
-
-    class Clock(L.Callback):
-        """Wall time of each iteration."""
-
-        def __init__(self) -> None:
-            self.seconds: list[float] = []
-            self._last = 0.0
-
-        def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-            self._last = time.perf_counter()
-
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-            now = time.perf_counter()
-            self.seconds.append(now - self._last)
-            self._last = now
 
     torch.manual_seed(spec.seed)
     cls = separate_models_module() if spec.layout == "separate" else PPOModule
@@ -168,7 +134,7 @@ def run_layout(spec: MemorySpec) -> dict[str, Any]:
         update=UpdateSettings(ppo_epochs=spec.ppo_epochs),
         estimator="gae", critic="adapter", iterations=spec.iterations, sample_every=0, output_dir=None,
     )
-    clock = Clock()
+    clock = StepClock()
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     with tempfile.TemporaryDirectory() as root:
@@ -177,7 +143,7 @@ def run_layout(spec: MemorySpec) -> dict[str, Any]:
             enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
             num_sanity_val_steps=0, callbacks=[clock], default_root_dir=root,
         )
-        trainer.fit(module, datamodule=FixedPrompts())
+        trainer.fit(module, datamodule=FixedPrompts(rows, spec.batch_size))
     held = [module.model, module.value_head, module.scorer]
     held += [m for m in (getattr(module, "reference_model", None), getattr(module, "value_model", None)) if m]
     scorer_models = [getattr(module.scorer, "reward_model", None)]

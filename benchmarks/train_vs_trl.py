@@ -65,6 +65,7 @@ def _ours(spec: TrainSpec, rows: list[dict[str, list[int]]]) -> tuple[list[float
     import torch
     from torch.utils.data import DataLoader
 
+    from benchmarks.loop_parts import StepClock
     from rlhf.models.loading import LoraSettings, ModelSettings
 
     base = ModelSettings(spec.base, dtype="float32", lora=LoraSettings(r=spec.lora_r, alpha=spec.lora_alpha))
@@ -96,20 +97,7 @@ def _ours(spec: TrainSpec, rows: list[dict[str, list[int]]]) -> tuple[list[float
         def train_dataloader(self) -> DataLoader:
             return DataLoader(rows, batch_size=spec.batch_size, shuffle=False, collate_fn=collate, drop_last=True)
 
-    class Clock(L.Callback):
-        def __init__(self) -> None:
-            self.seconds: list[float] = []
-            self._last = 0.0
-
-        def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-            self._last = time.perf_counter()
-
-        def on_train_batch_end(self, *args: Any) -> None:
-            now = time.perf_counter()
-            self.seconds.append(now - self._last)
-            self._last = now
-
-    clock = Clock()
+    clock = StepClock()
     with tempfile.TemporaryDirectory() as root:
         trainer = L.Trainer(accelerator="auto", devices=1, max_steps=spec.warmup + spec.steps, logger=False,
                             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,

@@ -65,8 +65,8 @@ def run_ours(spec: RunSpec) -> dict[str, Any]:
     wall time, phase breakdown (:mod:`rlhf.ppo.timing`) and generated tokens."""
     import lightning as L
     import torch
-    from torch.utils.data import DataLoader
 
+    from benchmarks.loop_parts import FixedPrompts, StepClock
     from rlhf.models.loading import LoraSettings, ModelSettings
     from rlhf.ppo.module import PPOModule
     from rlhf.ppo.settings import KLSettings, RewardSettings, SamplingSettings, UpdateSettings
@@ -75,32 +75,15 @@ def run_ours(spec: RunSpec) -> dict[str, Any]:
     import_rss = peak_rss_bytes()
     rows = load_prompts(spec.prompts)
 
-    class FixedPrompts(L.LightningDataModule):
-        """Pre-tokenised, equal-length prompts in order (what ``PromptDataModule`` yields)."""
+    class Clock(StepClock):
+        """Iteration wall times plus phase times and response tokens, one entry per iteration."""
 
         def __init__(self) -> None:
             super().__init__()
-            self.batch_size = spec.batch_size
-            self.max_prompt_length = len(rows[0])
-
-        def train_dataloader(self) -> DataLoader:
-            items = [{"input_ids": torch.tensor(r), "attention_mask": torch.ones(len(r), dtype=torch.long),
-                      "index": torch.tensor(i)} for i, r in enumerate(rows)]
-            return DataLoader(items, batch_size=spec.batch_size, shuffle=False, drop_last=True)
-
-    class Clock(L.Callback):
-        """Iteration wall times, phase times and response tokens, one entry per iteration."""
-
-        def __init__(self) -> None:
-            self.seconds: list[float] = []
             self.phases: list[dict[str, float]] = []
             self.tokens: list[float] = []
-            self._last = 0.0
             self._recording: Any = None
             self._times: PhaseTimes | None = None
-
-        def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-            self._last = time.perf_counter()
 
         def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
                                  batch_idx: int) -> None:
@@ -110,10 +93,8 @@ def run_ours(spec: RunSpec) -> dict[str, Any]:
 
         def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any,
                                batch: Any, batch_idx: int) -> None:
-            now = time.perf_counter()
+            super().on_train_batch_end()
             self._recording.__exit__(None, None, None)
-            self.seconds.append(now - self._last)
-            self._last = now
             self.phases.append(dict(self._times.seconds))
             length = float(trainer.callback_metrics["response/length"])
             self.tokens.append(length * spec.batch_size)
@@ -139,7 +120,7 @@ def run_ours(spec: RunSpec) -> dict[str, Any]:
             enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
             num_sanity_val_steps=0, callbacks=[clock], default_root_dir=root,
         )
-        trainer.fit(module, datamodule=FixedPrompts())
+        trainer.fit(module, datamodule=FixedPrompts(rows, spec.batch_size))
     trainable = sum(p.numel() for p in module.trainable_parameters())
     return {
         "iteration_seconds": clock.seconds, "phases": clock.phases, "response_tokens": clock.tokens,
