@@ -72,9 +72,8 @@ def separate_models_module():
 
     from rlhf.models.forward import disable_dropout
     from rlhf.models.loading import apply_lora, load_causal_lm
-    from rlhf.ppo.losses import logprobs_from_logits
     from rlhf.ppo.module import POLICY, VALUE, PPOModule
-    from rlhf.ppo.rollout import response_logits, trunk_hidden
+    from rlhf.ppo.rollout import response_logprobs, trunk_hidden
 
     class SeparateModelsPPO(PPOModule):
         """Policy, reference, critic and reward as four models; the maths is PPOModule's."""
@@ -94,20 +93,23 @@ def separate_models_module():
             if self.scorer is None:
                 self.scorer = self.build_scorer()  # reward.share_base is off: its own model
 
-        def policy_forward(self, input_ids, attention_mask, start):
+        def policy_forward(self, input_ids, attention_mask, start, entropy=True, entropy_grad=False):
             hidden = trunk_hidden(self.model, input_ids, attention_mask)
-            logits = response_logits(self.model, hidden, start).float() / self.sampling.temperature
-            logp = logprobs_from_logits(logits, input_ids[:, start:])
+            logp, entropies = response_logprobs(
+                self.model, hidden, start, input_ids[:, start:], self.sampling.temperature, entropy, entropy_grad
+            )
             value_hidden = trunk_hidden(self.value_model, input_ids, attention_mask)
-            return logits, logp, self._values_from(value_hidden[:, start - 1 : -1])
+            return logp, self._values_from(value_hidden[:, start - 1 : -1]), entropies
 
         def reference_logprobs(self, input_ids, attention_mask, start):
             import torch
 
             with torch.no_grad():
                 hidden = trunk_hidden(self.reference_model, input_ids, attention_mask)
-                logits = response_logits(self.reference_model, hidden, start)
-            return logprobs_from_logits(logits, input_ids[:, start:], self.sampling.temperature)
+                logp, _ = response_logprobs(
+                    self.reference_model, hidden, start, input_ids[:, start:], self.sampling.temperature
+                )
+            return logp
 
     return SeparateModelsPPO
 

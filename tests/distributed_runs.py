@@ -149,7 +149,7 @@ def probe_ppo(module: Any) -> dict[str, list]:
     try:
         ids, mask, start = probe_batch(len(module.tokenizer))
         ids, mask = ids.to(module.device), mask.to(module.device)
-        _, logprobs, values = module.policy_forward(ids, mask, start)
+        logprobs, values, _ = module.policy_forward(ids, mask, start, entropy=False)
         ref = module.reference_logprobs(ids, mask, start)
         scores = module.scorer(ids, mask)
     finally:

@@ -5,7 +5,13 @@ import math
 import torch
 from torch.testing import assert_close
 
-from rlhf.ppo.losses import entropy_from_logits, logprobs_from_logits, policy_loss, value_loss
+from rlhf.ppo.losses import (
+    entropy_from_logits,
+    logprobs_and_entropy,
+    logprobs_from_logits,
+    policy_loss,
+    value_loss,
+)
 
 T = torch.tensor
 
@@ -106,3 +112,29 @@ def test_entropy_from_logits():
     e = entropy_from_logits(T([[[1e4, -1e4, 0.0]]]))
     assert torch.isfinite(e).all()
     assert_close(e, T([[0.0]]))
+
+
+def test_logprobs_and_entropy_match_the_separate_functions_and_their_gradients():
+    torch.manual_seed(0)
+    logits = torch.randn(3, 5, 11) * 4
+    tokens = torch.randint(0, 11, (3, 5))
+    for temp in (1.0, 0.7):
+        fused = logits.clone().requires_grad_()
+        logp, ent = logprobs_and_entropy(fused, tokens, temp, entropy_grad=True)
+        assert_close(logp, logprobs_from_logits(logits, tokens, temp))
+        assert_close(ent, entropy_from_logits(logits / temp))
+        # Gradients of a loss using both equal those of the separate computations.
+        separate = logits.clone().requires_grad_()
+        (logprobs_from_logits(separate, tokens, temp).sum() - 0.1 * entropy_from_logits(separate / temp).sum()).backward()
+        (logp.sum() - 0.1 * ent.sum()).backward()
+        assert_close(fused.grad, separate.grad)
+
+
+def test_logged_entropy_stays_out_of_the_graph():
+    logits = torch.randn(2, 4, 9, requires_grad=True)
+    tokens = torch.randint(0, 9, (2, 4))
+    logp, ent = logprobs_and_entropy(logits, tokens, entropy_grad=False)
+    assert logp.requires_grad and not ent.requires_grad
+    assert_close(ent, entropy_from_logits(logits.detach()))
+    bf16 = logprobs_and_entropy(logits.detach().bfloat16(), tokens)
+    assert all(x.dtype == torch.float32 for x in bf16)

@@ -81,7 +81,7 @@ def test_reference_logprobs_equal_the_base_model(tmp_path, tiny_model_dir):
         logits = base(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)).logits
     expected = logprobs_from_logits(logits[:, start - 1 : -1], ids[:, start:], module.sampling.temperature)
     torch.testing.assert_close(ref, expected, rtol=0, atol=1e-6)
-    _, policy, _ = module.policy_forward(ids, mask, start)
+    policy, _, _ = module.policy_forward(ids, mask, start)
     assert (policy - ref).abs().max() > 1e-3  # and the adapter is really on for the policy
 
 

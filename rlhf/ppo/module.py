@@ -45,13 +45,13 @@ from rlhf.ppo.advantages import (
 )
 from rlhf.ppo.guards import NonFiniteGuard, gradients_finite, join_names, nonfinite_names
 from rlhf.ppo.kl import AdaptiveKLController, FixedKLController, kl_estimate, per_token_rewards
-from rlhf.ppo.losses import entropy_from_logits, logprobs_from_logits, policy_loss, value_loss
+from rlhf.ppo.losses import policy_loss, value_loss
 from rlhf.ppo.masks import masked_mean, masked_sum, masked_whiten
 from rlhf.ppo.rollout import (
     Rollout,
     Scorer,
     assemble_sequences,
-    response_logits,
+    response_logprobs,
     sample_responses,
     trunk_hidden,
 )
@@ -260,13 +260,21 @@ class PPOModule(StageModule):
         return self.value_head(hidden.float()).squeeze(-1)
 
     def policy_forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, start: int
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Response logits ``[B, R, V]`` (temperature-scaled), log-probs ``[B, R]`` and values
-        ``[B, R]`` (``None`` without a critic) under the current policy."""
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        start: int,
+        entropy: bool = True,
+        entropy_grad: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Log-probs ``[B, R]``, values ``[B, R]`` (``None`` without a critic) and entropies
+        ``[B, R]`` (``None`` unless ``entropy``) of the response under the current
+        (temperature-scaled) policy; the entropy is in the autograd graph only with
+        ``entropy_grad``."""
         hidden = trunk_hidden(self.model, input_ids, attention_mask)
-        logits = response_logits(self.model, hidden, start).float() / self.sampling.temperature
-        logp = logprobs_from_logits(logits, input_ids[:, start:])
+        logp, entropies = response_logprobs(
+            self.model, hidden, start, input_ids[:, start:], self.sampling.temperature, entropy, entropy_grad
+        )
         values = None
         if self.uses_critic:
             if self.critic == "adapter":
@@ -278,15 +286,15 @@ class PPOModule(StageModule):
                 # gradients (returns can be large) never reach the policy adapter.
                 hidden = hidden.detach()
             values = self._values_from(hidden[:, start - 1 : -1])
-        return logits, logp, values
+        return logp, values, entropies
 
     @torch.no_grad()
     def reference_logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, start: int) -> torch.Tensor:
         """Log-probs ``[B, R]`` of the frozen base: the same weights with the adapters off."""
         with self.model.disable_adapter():
             hidden = trunk_hidden(self.model, input_ids, attention_mask)
-            logits = response_logits(self.model, hidden, start)
-        return logprobs_from_logits(logits, input_ids[:, start:], self.sampling.temperature)
+            logp, _ = response_logprobs(self.model, hidden, start, input_ids[:, start:], self.sampling.temperature)
+        return logp
 
     # -- rollout -------------------------------------------------------------------------------
     def shape_scores(self, raw: torch.Tensor, has_eos: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
@@ -320,7 +328,7 @@ class PPOModule(StageModule):
         )
         start = prompt_ids.shape[1]
         with phase("policy_value"):
-            _, logprobs, values = self.policy_forward(input_ids, attention_mask, start)
+            logprobs, values, _ = self.policy_forward(input_ids, attention_mask, start, entropy=False)
         with phase("reference"):
             ref_logprobs = self.reference_logprobs(input_ids, attention_mask, start)
         with phase("reward"):
@@ -380,17 +388,14 @@ class PPOModule(StageModule):
     def minibatch_loss(self, mb: Rollout) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Clipped policy loss + ``vf_coef`` * clipped value loss - ``entropy_coef`` * entropy."""
         u = self.update_settings
-        logits, logp, values = self.policy_forward(mb.input_ids, mb.attention_mask, mb.response_start)
+        # The entropy is logged at the default ``entropy_coef: 0`` and then kept out of the
+        # autograd graph (no [R, V] saved per row for backward).
+        logp, values, entropy_per_token = self.policy_forward(
+            mb.input_ids, mb.attention_mask, mb.response_start, entropy_grad=u.entropy_coef != 0
+        )
         pg_loss, stats = policy_loss(logp, mb.logprobs, mb.advantages, mb.response_mask, u.clip_range)
-        if u.entropy_coef == 0:
-            # Logged only: keep the [B, R, V] softmax out of the autograd graph (a quarter of
-            # the update's time on a 49k vocabulary, and its activation memory).
-            with torch.no_grad():
-                entropy = masked_mean(entropy_from_logits(logits), mb.response_mask)
-            loss = pg_loss
-        else:
-            entropy = masked_mean(entropy_from_logits(logits), mb.response_mask)
-            loss = pg_loss - u.entropy_coef * entropy
+        entropy = masked_mean(entropy_per_token, mb.response_mask)
+        loss = pg_loss if u.entropy_coef == 0 else pg_loss - u.entropy_coef * entropy
         stats = {**stats, "policy_loss": pg_loss.detach(), "entropy": entropy.detach()}
         if values is not None:
             vf_loss, vstats = value_loss(values, mb.values, mb.returns, mb.response_mask, u.value_clip_range)

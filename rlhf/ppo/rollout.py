@@ -16,7 +16,7 @@ from transformers import GenerationConfig
 
 from rlhf.distributed import root_forward, synced_generation
 from rlhf.models.forward import position_ids_from_mask
-from rlhf.ppo.losses import logprobs_from_logits
+from rlhf.ppo.losses import logprobs_and_entropy, logprobs_from_logits
 from rlhf.ppo.masks import response_mask_from_eos
 from rlhf.ppo.settings import SamplingSettings
 from rlhf.ppo.timing import timed
@@ -41,16 +41,45 @@ def trunk_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torc
     ).last_hidden_state
 
 
-def response_logits(model: nn.Module, hidden: torch.Tensor, response_start: int) -> torch.Tensor:
-    """LM-head logits ``[batch, R, vocab]`` predicting the response tokens only.
+def response_logprobs(
+    model: nn.Module,
+    hidden: torch.Tensor,
+    response_start: int,
+    tokens: torch.Tensor,
+    temperature: float,
+    entropy: bool = False,
+    entropy_grad: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-probs ``[B, R]`` of the response ``tokens`` ``[B, R]`` (and, with ``entropy``, the
+    entropies ``[B, R]``) under ``softmax(lm_head(hidden) / temperature)``.
 
     The hidden state at column ``t`` predicts token ``t + 1``, so response token ``i`` (column
-    ``response_start + i``) is predicted from column ``response_start + i - 1``.
-    The slice is made contiguous first: a strided 3-D input makes ``nn.Linear`` fall back to a
-    batched matmul against the broadcast weight, ~1.7x slower for a large vocabulary on CPU.
+    ``response_start + i``) is predicted from column ``response_start + i - 1``. The LM head runs
+    one row of the batch at a time: the ``[B, R, vocab]`` logits never exist at once, and in
+    backward each row's logit gradient is freed before the next (on a 49k vocabulary the logits
+    dominate the update's memory). A row ``[R, hidden]`` is contiguous, so ``nn.Linear`` takes
+    its plain matmul path. ``entropy_grad`` keeps the entropy in the autograd graph.
     """
     lm = causal_lm_of(model)
-    return root_forward(lm, lm.get_output_embeddings(), hidden[:, response_start - 1 : -1].contiguous())
+    head = lm.get_output_embeddings()
+    predicting = hidden[:, response_start - 1 : -1]
+
+    def per_row() -> tuple[torch.Tensor, torch.Tensor | None]:
+        logps, entropies = [], []
+        for row, row_tokens in zip(predicting, tokens):
+            logits = head(row.contiguous()).unsqueeze(0)
+            if entropy:
+                logp, ent = logprobs_and_entropy(logits, row_tokens.unsqueeze(0), temperature, entropy_grad)
+                entropies.append(ent)
+            else:
+                logp = logprobs_from_logits(logits, row_tokens.unsqueeze(0), temperature)
+            logps.append(logp)
+        if not logps:
+            empty = torch.empty(tokens.shape, dtype=torch.float32, device=hidden.device)
+            return empty, (empty.clone() if entropy else None)
+        return torch.cat(logps), (torch.cat(entropies) if entropy else None)
+
+    return root_forward(lm, per_row)
 
 
 @timed("generation")
@@ -178,6 +207,5 @@ def sequence_logprobs(
     """Response log-probs ``[B, R]`` and the trunk's hidden states ``[B, R, hidden]`` that
     predicted them (what a shared value head reads)."""
     hidden = trunk_hidden(model, input_ids, attention_mask)
-    logits = response_logits(model, hidden, response_start)
-    tokens = input_ids[:, response_start:]
-    return logprobs_from_logits(logits, tokens, temperature), hidden[:, response_start - 1 : -1]
+    logp, _ = response_logprobs(model, hidden, response_start, input_ids[:, response_start:], temperature)
+    return logp, hidden[:, response_start - 1 : -1]
