@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from rlhf.distributed import root_forward
+
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """``[b, t]`` mask -> ``[b, t]`` positions: 0 at the first real token, counting real tokens.
@@ -30,3 +32,22 @@ def disable_dropout(module: nn.Module) -> int:
                     changed += 1
                 setattr(sub, name, 0.0)
     return changed
+
+
+def causal_lm_of(model: nn.Module) -> nn.Module:
+    """The ``*ForCausalLM`` inside a peft wrapper (LoRA layers stay injected and active)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def trunk_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Final hidden states ``[batch, seq, hidden]`` of the decoder, skipping the LM head
+    (run as a forward of the causal LM, which FSDP2 needs: see :func:`rlhf.distributed.root_forward`)."""
+    lm = causal_lm_of(model)
+    return root_forward(
+        lm,
+        lm.get_decoder(),
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids_from_mask(attention_mask),
+        use_cache=False,
+    ).last_hidden_state

@@ -15,30 +15,11 @@ from torch import nn
 from transformers import GenerationConfig
 
 from rlhf.distributed import root_forward, synced_generation
-from rlhf.models.forward import position_ids_from_mask
+from rlhf.models.forward import causal_lm_of, trunk_hidden
 from rlhf.ppo.losses import logprobs_and_entropy, logprobs_from_logits
 from rlhf.ppo.masks import response_mask_from_eos
 from rlhf.ppo.settings import SamplingSettings
 from rlhf.ppo.timing import timed
-
-
-def causal_lm_of(model: nn.Module) -> nn.Module:
-    """The ``*ForCausalLM`` inside a peft wrapper (LoRA layers stay injected and active)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def trunk_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Final hidden states ``[batch, seq, hidden]`` of the decoder, skipping the LM head
-    (run as a forward of the causal LM, which FSDP2 needs: see :func:`rlhf.distributed.root_forward`)."""
-    lm = causal_lm_of(model)
-    return root_forward(
-        lm,
-        lm.get_decoder(),
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids_from_mask(attention_mask),
-        use_cache=False,
-    ).last_hidden_state
 
 
 def response_logprobs(

@@ -8,10 +8,11 @@ from typing import Any
 
 import torch
 
-from rlhf.distributed import language_model, shard_model
+from rlhf.distributed import language_model, root_forward, shard_model
+from rlhf.models.forward import causal_lm_of, trunk_hidden
 from rlhf.models.loading import ModelSettings, apply_lora, load_causal_lm
 from rlhf.outputs import atomic_directory, write_stage_marker
-from rlhf.sft.loss import response_nll
+from rlhf.sft.loss import labelled_nll
 from rlhf.stage import StageModule
 
 log = logging.getLogger("rlhf.sft")
@@ -63,7 +64,11 @@ class SFTModule(StageModule):
         return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
 
     def _nll(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        return response_nll(self(batch["input_ids"], batch["attention_mask"]), batch["labels"])
+        """Summed response NLL and labelled-token count; the LM head runs on labelled
+        positions only (:func:`rlhf.sft.loss.labelled_nll`)."""
+        hidden = trunk_hidden(self.model, batch["input_ids"], batch["attention_mask"])
+        lm = causal_lm_of(self.model)
+        return root_forward(lm, labelled_nll, hidden, batch["labels"], lm.get_output_embeddings())
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         self._step_started = time.perf_counter()
