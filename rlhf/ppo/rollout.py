@@ -37,8 +37,8 @@ def response_logprobs(
     The hidden state at column ``t`` predicts token ``t + 1``, so response token ``i`` (column
     ``response_start + i``) is predicted from column ``response_start + i - 1``. The LM head runs
     one row of the batch at a time: the ``[B, R, vocab]`` logits never exist at once, and in
-    backward each row's logit gradient is freed before the next (on a 49k vocabulary the logits
-    dominate the update's memory). A row ``[R, hidden]`` is contiguous, so ``nn.Linear`` takes
+    backward each row's logit gradient is freed before the next (on a 49k vocabulary they are
+    the update's largest tensors). A row ``[R, hidden]`` is contiguous, so ``nn.Linear`` takes
     its plain matmul path. ``entropy_grad`` keeps the entropy in the autograd graph.
     """
     lm = causal_lm_of(model)
