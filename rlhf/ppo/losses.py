@@ -160,22 +160,18 @@ def logprobs_and_entropy(
         ``(logp, entropy)``, each ``[b, t]`` float32 (float64 for float64 logits); ``logp``
         is differentiable.
     """
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+    _check_temperature(temperature)
     logps, entropies = [], []
     for row_logits, row_tokens in zip(logits, tokens):
-        z = _float(row_logits)
-        if temperature != 1.0:
-            z = z / temperature
-        logp = F.log_softmax(z, dim=-1)
-        logps.append(logp.gather(-1, row_tokens.long().unsqueeze(-1)).squeeze(-1))
+        logp, token_logp = _row_log_softmax(row_logits, row_tokens, temperature)
+        logps.append(token_logp)
         if entropy_grad:
             entropies.append(_row_entropy(logp))
         else:
             with torch.no_grad():
                 entropies.append(_row_entropy(logp.detach()))
     if not logps:
-        empty = torch.empty(tokens.shape, dtype=_float(logits).dtype, device=logits.device)
+        empty = _empty_logprobs(logits, tokens)
         return empty, empty.clone()
     return torch.stack(logps, dim=0), torch.stack(entropies, dim=0)
 
@@ -200,16 +196,30 @@ def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor, temperature
     Returns:
         ``[b, t]`` float32 (float64 for float64 logits) log-probs; differentiable.
     """
+    _check_temperature(temperature)
+    rows = [_row_log_softmax(row_logits, row_tokens, temperature)[1] for row_logits, row_tokens in zip(logits, tokens)]
+    if not rows:
+        return _empty_logprobs(logits, tokens)
+    return torch.stack(rows, dim=0)
+
+
+def _check_temperature(temperature: float) -> None:
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    rows = []
-    for row_logits, row_tokens in zip(logits, tokens):
-        z = row_logits.float() if row_logits.dtype in (torch.float16, torch.bfloat16) else row_logits
-        if temperature != 1.0:
-            z = z / temperature
-        logp = F.log_softmax(z, dim=-1)
-        rows.append(logp.gather(-1, row_tokens.long().unsqueeze(-1)).squeeze(-1))
-    if not rows:
-        dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
-        return torch.empty(tokens.shape, dtype=dtype, device=logits.device)
-    return torch.stack(rows, dim=0)
+
+
+def _row_log_softmax(
+    row_logits: torch.Tensor, row_tokens: torch.Tensor, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One row of the batch: the ``[t, v]`` log-softmax of ``logits / temperature`` (float32
+    for half/bfloat16 input) and the ``[t]`` log-probs of ``row_tokens`` in it."""
+    z = _float(row_logits)
+    if temperature != 1.0:
+        z = z / temperature
+    logp = F.log_softmax(z, dim=-1)
+    return logp, logp.gather(-1, row_tokens.long().unsqueeze(-1)).squeeze(-1)
+
+
+def _empty_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """``[0, t]`` log-probs of an empty batch, in the dtype a non-empty one would have."""
+    return torch.empty(tokens.shape, dtype=_float(logits).dtype, device=logits.device)
