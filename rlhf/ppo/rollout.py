@@ -12,12 +12,13 @@ from typing import Protocol
 
 import torch
 from torch import nn
-from transformers import GenerationConfig
+from transformers import GenerationConfig, LogitsProcessorList
 
 from rlhf.distributed import root_forward, synced_generation
 from rlhf.models.forward import causal_lm_of, trunk_hidden
 from rlhf.ppo.losses import logprobs_and_entropy, logprobs_from_logits
 from rlhf.ppo.masks import response_mask_from_eos
+from rlhf.ppo.sampler import InverseCDFSampler
 from rlhf.ppo.settings import SamplingSettings
 from rlhf.ppo.timing import timed
 
@@ -75,20 +76,17 @@ def sample_responses(
 ) -> torch.Tensor:
     """Sample responses ``[batch, R]`` (KV cache on, stop at EOS; finished rows padded).
 
-    Every logits processor is set explicitly: ``generate`` fills unset (``None``) fields from
-    the model's generation config and global defaults (``top_k=50``), which would make the
+    ``generate`` runs a greedy search whose only logits processor is
+    :class:`rlhf.ppo.sampler.InverseCDFSampler`: it applies the temperature, top-k and top-p
+    of ``sampling`` and draws the token (faster than ``generate``'s ``torch.multinomial``).
+    Every built-in processor is switched off explicitly: ``generate`` fills unset (``None``)
+    fields from the model's generation config and global defaults, which would make the
     sampling distribution differ from the one log-probs are computed under. A sharded model
     (FSDP) steps in lockstep on every rank until all ranks are done (``synced_gpus``).
     """
     config = GenerationConfig(
-        do_sample=True,
-        temperature=sampling.temperature,
-        top_k=sampling.top_k,  # 0 = off
-        top_p=sampling.top_p,
-        min_p=0.0,
-        typical_p=1.0,
-        epsilon_cutoff=0.0,
-        eta_cutoff=0.0,
+        do_sample=False,
+        num_beams=1,
         repetition_penalty=1.0,
         no_repeat_ngram_size=0,
         min_new_tokens=0,
@@ -97,9 +95,10 @@ def sample_responses(
         pad_token_id=pad_id,
         use_cache=True,
     )
+    sampler = InverseCDFSampler(sampling.temperature, sampling.top_k, sampling.top_p)
     out = model.generate(
         input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
-        synced_gpus=synced_generation(model),
+        logits_processor=LogitsProcessorList([sampler]), synced_gpus=synced_generation(model),
     )
     return out[:, input_ids.shape[1] :]
 

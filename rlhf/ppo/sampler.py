@@ -1,0 +1,82 @@
+"""Drawing the next token: temperature, top-k and top-p, then one inverse-CDF draw per row.
+
+``torch.multinomial`` on a ``[B, vocab]`` probability table draws one exponential variate per
+vocabulary entry. With the temperature and softmax included, a draw over a 49k vocabulary took
+7.1-7.5 ms for 8 rows (32 ms for 32 rows) on the 2-core CPU, against 2.5-3.2 ms (7.4-8.3 ms)
+for a cumulative sum, one uniform per row and a binary search, which draw from the same
+distribution (``python -m benchmarks.sampling``). Generating 64 tokens for 8 prompts with the
+benchmark's medium model (LoRA on) went from 3.39-3.55 s to 3.13-3.27 s.
+
+:class:`InverseCDFSampler` plugs this into ``transformers``' ``generate`` as the last logits
+processor of a *greedy* search: it draws the token itself and hands back scores that are
+``-inf`` everywhere but there, so the greedy ``argmax`` keeps the drawn token. KV caching,
+EOS handling and FSDP's ``synced_gpus`` stepping stay ``generate``'s.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import LogitsProcessor
+
+
+def filter_logits(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """``logits / temperature`` ``[B, V]`` (float32) with tokens outside the top-``k`` (``0``: no
+    limit) or outside the smallest set whose probability reaches ``top_p`` set to ``-inf``.
+    The most likely token always stays."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0 (got {temperature})")
+    scaled = logits.float() / temperature
+    if 0 < top_k < scaled.shape[-1]:
+        kth = torch.topk(scaled, top_k, dim=-1).values[..., -1:]
+        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(scaled, dim=-1, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        # Drop a token when the tokens ranked above it already reach top_p.
+        drop_sorted = (probs.cumsum(dim=-1) - probs) >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        scaled = scaled.masked_fill(drop, float("-inf"))
+    return scaled
+
+
+def sample_from_logits(
+    logits: torch.Tensor,
+    temperature: float,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """One token per row ``[B]`` drawn from ``softmax(filter_logits(logits, ...))``.
+
+    Inverse-CDF sampling: the row's cumulative probabilities (in float64, so even a token of
+    probability ~1e-12 keeps its own interval), one uniform in ``[0, total)`` and a binary
+    search for the first cumulative value above it.
+    """
+    probs = torch.softmax(filter_logits(logits, temperature, top_k, top_p), dim=-1)
+    cdf = probs.double().cumsum(dim=-1)
+    uniform = torch.rand(
+        (cdf.shape[0], 1), dtype=cdf.dtype, device=cdf.device, generator=generator
+    ) * cdf[:, -1:]
+    tokens = torch.searchsorted(cdf, uniform, right=True).clamp_(max=cdf.shape[-1] - 1)
+    # A token of zero probability (filtered) can only be hit through rounding at the top end;
+    # step back to the last token that has probability.
+    hit_zero = probs.gather(1, tokens) == 0
+    if bool(hit_zero.any()):
+        last_nonzero = (probs > 0).cumsum(dim=-1).argmax(dim=-1, keepdim=True)
+        tokens = torch.where(hit_zero, last_nonzero, tokens)
+    return tokens.squeeze(1)
+
+
+class InverseCDFSampler(LogitsProcessor):
+    """A logits processor that samples: returns ``[B, V]`` scores that are ``0`` at the token
+    drawn by :func:`sample_from_logits` and ``-inf`` elsewhere (use with greedy ``generate``)."""
+
+    def __init__(self, temperature: float, top_k: int = 0, top_p: float = 1.0,
+                 generator: torch.Generator | None = None) -> None:
+        filter_logits(torch.zeros(1, 1), temperature)  # validates the temperature
+        self.temperature, self.top_k, self.top_p, self.generator = temperature, top_k, top_p, generator
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        tokens = sample_from_logits(scores, self.temperature, self.top_k, self.top_p, self.generator)
+        chosen = torch.full_like(scores, float("-inf"))
+        return chosen.scatter_(1, tokens.unsqueeze(1), 0.0)
