@@ -68,3 +68,12 @@ def test_sample_responses_draws_the_models_tempered_distribution():
         logits = model(input_ids=prompt[:1], attention_mask=mask[:1]).logits[0, -1]
     expected = torch.softmax(logits.double() / 0.7, dim=-1)
     assert torch.allclose(frequencies(first, 12), expected, atol=0.012)
+
+
+def test_a_uniform_at_the_top_end_still_draws_a_token_with_probability(monkeypatch):
+    """``rand() * total`` may round up to the total; the draw must not fall on the filtered
+    (zero-probability) tokens after the last kept one."""
+    monkeypatch.setattr(torch, "rand", lambda shape, dtype, device, generator: torch.ones(shape, dtype=dtype))
+    logits = torch.tensor([[0.0, 5.0, -1.0, -2.0]])
+    assert sample_from_logits(logits, 1.0, top_k=2).tolist() == [1]  # tokens 2, 3 are filtered
+    assert sample_from_logits(logits, 1.0).tolist() == [3]

@@ -54,17 +54,12 @@ def sample_from_logits(
     """
     probs = torch.softmax(filter_logits(logits, temperature, top_k, top_p), dim=-1)
     cdf = probs.double().cumsum(dim=-1)
-    uniform = torch.rand(
-        (cdf.shape[0], 1), dtype=cdf.dtype, device=cdf.device, generator=generator
-    ) * cdf[:, -1:]
-    tokens = torch.searchsorted(cdf, uniform, right=True).clamp_(max=cdf.shape[-1] - 1)
-    # A token of zero probability (filtered) can only be hit through rounding at the top end;
-    # step back to the last token that has probability.
-    hit_zero = probs.gather(1, tokens) == 0
-    if bool(hit_zero.any()):
-        last_nonzero = (probs > 0).cumsum(dim=-1).argmax(dim=-1, keepdim=True)
-        tokens = torch.where(hit_zero, last_nonzero, tokens)
-    return tokens.squeeze(1)
+    total = cdf[:, -1:]
+    uniform = torch.rand(total.shape, dtype=cdf.dtype, device=cdf.device, generator=generator) * total
+    # Strictly below the total even if the product rounded up, so the first cumulative value
+    # above it belongs to a token of non-zero probability (no host sync, unlike a check).
+    uniform = torch.minimum(uniform, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cdf, uniform, right=True).squeeze(1)
 
 
 class InverseCDFSampler(LogitsProcessor):
