@@ -96,15 +96,17 @@ def test_ppo_raises_a_token_count_reward_and_a_huge_kl_coef_holds_it_at_the_refe
     free = fit(make_module(tiny_policy_dir), prompts(tmp_path), tmp_path)
     assert len(free) == 30
     assert all(torch.isfinite(torch.tensor(list(h.values()))).all() for h in free)
+    # Margins from seeds 0-5 (the gain is a sampled outcome): the free run's reward rose by
+    # 0.63-1.95 and its KL peaked at 4.4-11.4; the held run's rose by -0.03-0.18, KL <= 1.95.
     first, last = mean_of(free, "reward/mean", free[:5]), mean_of(free, "reward/mean", free[-5:])
-    assert last > first + 1.0, (first, last)
+    assert last > first + 0.5, (first, last)
     free_kl = max(h["kl/mean"] for h in free)
     assert free_kl < 20  # bounded (8 tokens; the reference is the policy's own base)
 
     torch.manual_seed(0)
     held = fit(make_module(tiny_policy_dir, kl=KLSettings(coef=100.0)), prompts(tmp_path), tmp_path)
     held_kl = max(h["kl/mean"] for h in held)
-    assert held_kl < 0.3 * free_kl, (held_kl, free_kl)
+    assert held_kl < 0.5 * free_kl, (held_kl, free_kl)
     first, last = mean_of(held, "reward/mean", held[:5]), mean_of(held, "reward/mean", held[-5:])
     assert last < first + 0.5, (first, last)
 
