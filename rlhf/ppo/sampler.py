@@ -2,7 +2,7 @@
 
 ``torch.multinomial`` on a ``[B, vocab]`` probability table draws one exponential variate per
 vocabulary entry. With the temperature and softmax included, a draw over a 49k vocabulary took
-7.1-7.5 ms for 8 rows (32 ms for 32 rows) on the 2-core CPU, against 2.5-3.2 ms (7.4-8.3 ms)
+7.1-8.6 ms for 8 rows (32-37 ms for 32 rows) on the 2-core CPU, against 2.5-3.2 ms (7.4-9.3 ms)
 for a cumulative sum, one uniform per row and a binary search, which draw from the same
 distribution (``python -m benchmarks.sampling``). Generating 64 tokens for 8 prompts with the
 benchmark's medium model (LoRA on) went from 3.39-3.55 s to 3.13-3.27 s.
