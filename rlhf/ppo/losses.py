@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from rlhf.ppo.masks import _bool_mask, masked_mean
 
 __all__ = [
+    "check_temperature",
     "entropy_from_logits",
     "logprobs_and_entropy",
     "logprobs_from_logits",
@@ -160,7 +161,7 @@ def logprobs_and_entropy(
         ``(logp, entropy)``, each ``[b, t]`` float32 (float64 for float64 logits); ``logp``
         is differentiable.
     """
-    _check_temperature(temperature)
+    check_temperature(temperature)
     logps, entropies = [], []
     for row_logits, row_tokens in zip(logits, tokens):
         logp, token_logp = _row_log_softmax(row_logits, row_tokens, temperature)
@@ -196,14 +197,15 @@ def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor, temperature
     Returns:
         ``[b, t]`` float32 (float64 for float64 logits) log-probs; differentiable.
     """
-    _check_temperature(temperature)
+    check_temperature(temperature)
     rows = [_row_log_softmax(row_logits, row_tokens, temperature)[1] for row_logits, row_tokens in zip(logits, tokens)]
     if not rows:
         return _empty_logprobs(logits, tokens)
     return torch.stack(rows, dim=0)
 
 
-def _check_temperature(temperature: float) -> None:
+def check_temperature(temperature: float) -> None:
+    """Raise ``ValueError`` unless ``temperature > 0`` (log-probs and sampling divide by it)."""
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
 

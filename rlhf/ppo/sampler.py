@@ -18,13 +18,14 @@ from __future__ import annotations
 import torch
 from transformers import LogitsProcessor
 
+from rlhf.ppo.losses import check_temperature
+
 
 def filter_logits(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
     """``logits / temperature`` ``[B, V]`` (float32) with tokens outside the top-``k`` (``0``: no
     limit) or outside the smallest set whose probability reaches ``top_p`` set to ``-inf``.
     The most likely token always stays."""
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0 (got {temperature})")
+    check_temperature(temperature)
     scaled = logits.float() / temperature
     if 0 < top_k < scaled.shape[-1]:
         kth = torch.topk(scaled, top_k, dim=-1).values[..., -1:]
@@ -68,7 +69,7 @@ class InverseCDFSampler(LogitsProcessor):
 
     def __init__(self, temperature: float, top_k: int = 0, top_p: float = 1.0,
                  generator: torch.Generator | None = None) -> None:
-        filter_logits(torch.zeros(1, 1), temperature)  # validates the temperature
+        check_temperature(temperature)
         self.temperature, self.top_k, self.top_p, self.generator = temperature, top_k, top_p, generator
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
