@@ -1,10 +1,14 @@
 """The per-token draw of generation: ``torch.multinomial`` vs our inverse-CDF sampler.
 
     python -m benchmarks.sampling            # ~5 s; prints milliseconds per draw
+    python -m benchmarks.sampling --generate # + 64 tokens x 8 prompts on the medium model, ~1 min
 
 Both draw one token per row from ``softmax(logits / 0.7)`` over a SmolLM2-sized vocabulary
-(49,152), temperature and softmax included (what ``generate``'s sampling step does per token). Nothing
-is written: the numbers explain one line of the README, they are not a target.
+(49,152), temperature and softmax included (what ``generate``'s sampling step does per token).
+``--generate`` also times whole generations with the benchmark's random ``medium`` Llama
+(LoRA on): ``generate``'s own sampling (``do_sample=True``, ``torch.multinomial``) against
+:func:`rlhf.ppo.rollout.sample_responses`. Nothing is written: the numbers explain lines of the
+README, they are not a target.
 """
 
 from __future__ import annotations
@@ -17,6 +21,9 @@ import torch
 
 from rlhf.ppo.sampler import sample_from_logits
 
+GENERATION_SHAPE = "medium"
+PROMPTS, PROMPT_TOKENS, NEW_TOKENS = 8, 64, 64
+
 
 def milliseconds_per_call(draw: Callable[[], torch.Tensor], repeats: int) -> float:
     """Mean wall-clock milliseconds of ``draw()`` over ``repeats`` calls after one warm-up."""
@@ -27,11 +34,49 @@ def milliseconds_per_call(draw: Callable[[], torch.Tensor], repeats: int) -> flo
     return (time.perf_counter() - start) / repeats * 1e3
 
 
+def generation_seconds(repeats: int = 3) -> dict[str, list[float]]:
+    """Seconds per generation (``PROMPTS`` x up to ``NEW_TOKENS`` tokens; on a random 49k
+    vocabulary EOS is drawn about once in 49k tokens, so all run to the end) with ``generate``'s
+    multinomial sampling and with ``sample_responses``."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    from benchmarks.assets import LORA_TARGETS, SIZES
+    from rlhf.ppo.rollout import sample_responses
+    from rlhf.ppo.settings import SamplingSettings
+
+    shape = SIZES[GENERATION_SHAPE]
+    config = LlamaConfig(vocab_size=49152, hidden_size=shape.hidden, num_hidden_layers=shape.layers,
+                         num_attention_heads=shape.heads, num_key_value_heads=shape.kv_heads,
+                         intermediate_size=shape.intermediate, tie_word_embeddings=True,
+                         bos_token_id=1, eos_token_id=2, pad_token_id=3)
+    model = get_peft_model(LlamaForCausalLM(config).eval(), LoraConfig(r=8, lora_alpha=16, target_modules=LORA_TARGETS))
+    ids = torch.randint(10, 49000, (PROMPTS, PROMPT_TOKENS))
+    mask = torch.ones_like(ids)
+    multinomial = GenerationConfig(do_sample=True, temperature=0.7, top_k=0, top_p=1.0,
+                                   max_new_tokens=NEW_TOKENS, eos_token_id=2, pad_token_id=3)
+    ours = SamplingSettings(max_new_tokens=NEW_TOKENS, temperature=0.7)
+    runs = {
+        "generate (torch.multinomial)": lambda: model.generate(input_ids=ids, attention_mask=mask,
+                                                                generation_config=multinomial),
+        "sample_responses (inverse CDF)": lambda: sample_responses(model, ids, mask, ours, 2, 3),
+    }
+    seconds: dict[str, list[float]] = {name: [] for name in runs}
+    with torch.no_grad():
+        for _ in range(repeats + 1):  # the first round warms up
+            for name, run in runs.items():
+                start = time.perf_counter()
+                run()
+                seconds[name].append(time.perf_counter() - start)
+    return {name: values[1:] for name, values in seconds.items()}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--vocab", type=int, default=49152)
     parser.add_argument("--rows", type=int, nargs="+", default=[8, 32])
     parser.add_argument("--repeats", type=int, default=50)
+    parser.add_argument("--generate", action="store_true", help="also time whole generations")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, vocabulary {args.vocab}")
@@ -43,6 +88,10 @@ def main(argv: list[str] | None = None) -> None:
         )
         inverse_cdf = milliseconds_per_call(lambda: sample_from_logits(logits, 0.7), args.repeats)
         print(f"| {rows} | {multinomial:.2f} | {inverse_cdf:.2f} |")
+    if args.generate:
+        print(f"\n{PROMPTS} prompts x {NEW_TOKENS} new tokens, {GENERATION_SHAPE} model, LoRA on (s):")
+        for name, values in generation_seconds().items():
+            print(f"  {name}: " + ", ".join(f"{v:.2f}" for v in values))
 
 
 if __name__ == "__main__":

@@ -2,10 +2,11 @@
 
 ``torch.multinomial`` on a ``[B, vocab]`` probability table draws one exponential variate per
 vocabulary entry. With the temperature and softmax included, a draw over a 49k vocabulary took
-7.1-8.6 ms for 8 rows (32-37 ms for 32 rows) on the 2-core CPU, against 2.5-3.2 ms (7.4-9.3 ms)
+7.1-8.6 ms for 8 rows (32-37 ms for 32 rows) on the 2-core CPU, against 2.5-3.2 ms (6.9-10.8 ms)
 for a cumulative sum, one uniform per row and a binary search, which draw from the same
-distribution (``python -m benchmarks.sampling``). Generating 64 tokens for 8 prompts with the
-benchmark's medium model (LoRA on) went from 3.39-3.55 s to 3.13-3.27 s.
+distribution (``python -m benchmarks.sampling``, six runs). Generating 64 tokens for 8 prompts
+with the benchmark's medium model (LoRA on): 3.20-3.57 s with ``generate``'s own sampling,
+2.79-3.11 s with this one (``python -m benchmarks.sampling --generate``, two runs).
 
 :class:`InverseCDFSampler` plugs this into ``transformers``' ``generate`` as the last logits
 processor of a *greedy* search: it draws the token itself and hands back scores that are
