@@ -34,6 +34,7 @@ import torch
 
 from rlhf.data.datamodules import PromptDataModule
 from rlhf.data.records import conversation_text
+from rlhf.models.loading import resolve_dtype
 from rlhf.outputs import atomic_directory
 from rlhf.policies import (
     add_prompt_sampling_arguments,
@@ -317,12 +318,12 @@ def evaluate(
     texts = [conversation_text(p) for p in prompts]
     tokenizer = data.tokenizer
     check_reward_tokenizer(reward, tokenizer)
-    reward_model = load_reward_model(reward, device=dev)
-    ref_model = load_policy(reference, dev)
+    reward_model = load_reward_model(reward, device=dev, dtype=resolve_dtype("auto", precision))
+    ref_model = load_policy(reference, dev, precision=precision)
     rows: list[SampleRow] = []
     for name, path in policies.items():
         log.info("policy %s: %s", name, resolve_model_dir(path))
-        model = ref_model if same_model(path, reference) else load_policy(path, dev)
+        model = ref_model if same_model(path, reference) else load_policy(path, dev, precision=precision)
         rows += sample_policy(
             name, model, ref_model, reward_model, tokenizer, batches, texts, sampling,
             samples_per_prompt, seed, dev, precision, progress,

@@ -164,7 +164,7 @@ def export_rankings(
         raise ValueError(f"k must be >= 2 to rank anything, got {k}")
     dev = resolve_device(device)
     batches, prompts = prompt_batches(data, split, limit)
-    model = load_policy(policy, dev)
+    model = load_policy(policy, dev, precision=precision)
     torch.manual_seed(seed)
     samples = sample_k(model, data.tokenizer, batches, len(prompts), k, sampling or SamplingSettings(), dev, precision, progress)
     stats = ExportStats()

@@ -19,7 +19,7 @@ from torch import nn
 from rlhf.data.datamodules import PromptDataModule
 from rlhf.data.records import Conversation
 from rlhf.data.sources import DataSource
-from rlhf.models.loading import ModelSettings, load_causal_lm
+from rlhf.models.loading import ModelSettings, load_causal_lm, resolve_dtype
 from rlhf.outputs import read_stage_marker
 from rlhf.ppo.masks import masked_sum
 from rlhf.ppo.rollout import assemble_sequences, sample_responses, sequence_logprobs
@@ -58,8 +58,15 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-def load_policy(path: str | os.PathLike, device: torch.device, dtype: str = "auto") -> nn.Module:
-    """Load the model behind ``path`` (see :func:`resolve_model_dir`) in eval mode on ``device``."""
+def load_policy(
+    path: str | os.PathLike, device: torch.device, dtype: str = "auto", precision: str | None = None
+) -> nn.Module:
+    """Load the model behind ``path`` (see :func:`resolve_model_dir`) in eval mode on ``device``.
+
+    ``precision`` is the autocast it will run under: ``dtype="auto"`` is then bf16 for
+    ``bf16-mixed`` (see :func:`rlhf.models.loading.resolve_dtype`; nothing here trains).
+    """
+    dtype = str(resolve_dtype(dtype, precision)).removeprefix("torch.")
     model = load_causal_lm(ModelSettings(resolve_model_dir(path), dtype=dtype))
     return model.to(device).eval()
 

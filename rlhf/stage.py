@@ -81,6 +81,12 @@ class StageModule(L.LightningModule):
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 
+    def run_precision(self) -> str | None:
+        """The attached trainer's precision (``"bf16-mixed"``, ``"32-true"``, ...), or ``None``
+        without a trainer; :func:`rlhf.models.loading.load_causal_lm` reads it for frozen bases."""
+        trainer = self._trainer
+        return None if trainer is None else str(trainer.precision)
+
     def setup(self, stage: str) -> None:
         """Checks that need the data module, before the model is loaded."""
         if stage in ("fit", "validate"):

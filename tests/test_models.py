@@ -80,6 +80,20 @@ def test_resolve_dtype(monkeypatch: pytest.MonkeyPatch) -> None:
     assert resolve_dtype("auto") is torch.float32
     with pytest.raises(ValueError, match="Unknown dtype"):
         resolve_dtype("int3")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_dtype("auto", "bf16-mixed") is torch.bfloat16
+    assert resolve_dtype("auto", "32-true") is torch.float32
+    assert resolve_dtype("float32", "bf16-mixed") is torch.float32  # an explicit dtype wins
+
+
+def test_bf16_run_loads_only_a_frozen_base_in_bf16(tiny_model_dir: Path, monkeypatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    frozen = ModelSettings(str(tiny_model_dir), lora=LoraSettings())
+    assert load_causal_lm(frozen, "bf16-mixed").dtype is torch.bfloat16
+    assert load_causal_lm(frozen, "32-true").dtype is torch.float32
+    assert load_causal_lm(frozen).dtype is torch.float32
+    # Fully fine-tuned weights stay float32 (AdamW updates would vanish in bf16).
+    assert load_causal_lm(ModelSettings(str(tiny_model_dir)), "bf16-mixed").dtype is torch.float32
 
 
 def test_gradient_checkpointing_with_lora(tiny_model_dir: Path) -> None:

@@ -166,7 +166,7 @@ class PPOModule(StageModule):
     def configure_model(self) -> None:
         if self.model is not None:
             return
-        model = load_causal_lm(self.base)
+        model = load_causal_lm(self.base, self.run_precision())
         model = apply_lora(model, self.base.lora, adapter_name=POLICY)
         if self.uses_critic and self.critic == "adapter":
             model = apply_lora(model, self.base.lora, adapter_name=VALUE)

@@ -83,7 +83,7 @@ class RewardModule(StageModule):
     def configure_model(self) -> None:
         if self.model is not None:
             return
-        backbone = load_causal_lm(self.base)
+        backbone = load_causal_lm(self.base, self.run_precision())
         if self.base.lora:
             backbone = apply_lora(backbone, self.base.lora)
         # from_pretrained returns eval mode and Lightning keeps modules' modes; train mode is

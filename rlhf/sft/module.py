@@ -52,7 +52,7 @@ class SFTModule(StageModule):
     def configure_model(self) -> None:
         if self.model is not None:
             return
-        model = load_causal_lm(self.base)
+        model = load_causal_lm(self.base, self.run_precision())
         model = apply_lora(model, self.base.lora) if self.base.lora else model
         # from_pretrained returns eval mode and Lightning keeps module modes: train mode is
         # what makes dropout and gradient checkpointing act.
