@@ -177,6 +177,8 @@ def add_prompt_sampling_arguments(
     p.add_argument("--limit", type=int, default=None, help="use at most this many prompts")
     p.add_argument("--max-length", type=int, default=512)
     p.add_argument("--max-prompt-length", type=int, default=256)
+    p.add_argument("--long-prompts", default="truncate", choices=["truncate", "drop"],
+                   help="prompts over --max-prompt-length: keep their last tokens, or skip them")
     p.add_argument("--batch-size", type=int, default=batch_size, help="prompts per batch")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=temperature)
@@ -197,6 +199,7 @@ def prompt_data_from_args(args: argparse.Namespace, tokenizer: str) -> PromptDat
         tokenizer=tokenizer,
         max_length=args.max_length,
         max_prompt_length=args.max_prompt_length,
+        long_prompts=args.long_prompts,
         batch_size=args.batch_size,
         on_bad_row="skip",
     )

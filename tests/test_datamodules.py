@@ -136,6 +136,34 @@ def test_prompts_are_left_padded(tmp_path, tiny_model_dir):
     assert dm.train_units[1].prompt[-1].content.startswith("a much longer")
 
 
+@pytest.mark.parametrize("kind", ["prompt", "demonstration", "comparison"])
+def test_long_prompts_drop_or_truncate(tmp_path, tiny_model_dir, kind):
+    short, long = "hi", " ".join(["word"] * 60)
+    def row(prompt):
+        if kind == "prompt":
+            return {"prompt": prompt}
+        if kind == "demonstration":
+            return {"prompt": prompt, "response": "an answer."}
+        return {"prompt": prompt, "chosen": "good", "rejected": "bad"}
+    cls = {"prompt": PromptDataModule, "demonstration": DemonstrationDataModule,
+           "comparison": ComparisonDataModule}[kind]
+    path = write_jsonl(tmp_path / "rows.jsonl", [row(short), row(long), row(short + "!")])
+
+    def encoded(long_prompts):
+        dm = cls(train=DataSource(path), tokenizer=tiny_model_dir, val_fraction=0.0,
+                 max_length=48, max_prompt_length=24, long_prompts=long_prompts)
+        dm.setup("fit")
+        return dm, [len(item["prompt_ids"]) for item in dm.train_dataset]
+
+    dm, lengths = encoded("truncate")
+    assert len(lengths) == 3 and lengths[1] == 24 and "long_prompts_dropped" not in dm.stats
+    dm, lengths = encoded("drop")
+    assert len(lengths) == 2 and max(lengths) < 24
+    assert dm.stats["long_prompts_dropped"] == 1 and dm.stats["dropped_units"] == 1
+    with pytest.raises(ValueError, match="long_prompts"):
+        cls(train=DataSource(path), long_prompts="cut")
+
+
 def test_config_errors_are_early():
     with pytest.raises(ValueError, match="max_prompt_length"):
         PromptDataModule(train=DataSource("x.jsonl"), max_length=8, max_prompt_length=8)

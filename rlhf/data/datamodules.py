@@ -63,6 +63,10 @@ class RLHFDataModule(L.LightningDataModule):
         tokenizer: tokenizer path or Hub id; ``None`` takes the model's (``module.tokenizer``).
         max_length: longest prompt+response in tokens.
         max_prompt_length: prompts are left-truncated to this many tokens.
+        long_prompts: what happens to a prompt longer than ``max_prompt_length``:
+            ``"truncate"`` keeps its last ``max_prompt_length`` tokens (the latest turns);
+            ``"drop"`` drops its unit (counted as ``long_prompts_dropped`` in :attr:`stats`),
+            so every kept prompt is whole: cheaper passes and no cut-off dialogue context.
         batch_size: training units per batch (demonstrations, preference groups or prompts).
         eval_batch_size: validation batch size (defaults to ``batch_size``).
         num_workers: dataloader worker processes.
@@ -90,8 +94,11 @@ class RLHFDataModule(L.LightningDataModule):
         use_chat_template: bool | None = None,
         system_prompt: str | None = None,
         pad_to_multiple_of: int = 1,
+        long_prompts: Literal["truncate", "drop"] = "truncate",
     ) -> None:
         super().__init__()
+        if long_prompts not in ("truncate", "drop"):
+            raise ValueError(f"long_prompts must be 'truncate' or 'drop', got {long_prompts!r}")
         if max_prompt_length >= max_length:
             raise ValueError(
                 f"max_prompt_length ({max_prompt_length}) must be smaller than "
@@ -114,6 +121,7 @@ class RLHFDataModule(L.LightningDataModule):
         self.use_chat_template = use_chat_template
         self.system_prompt = system_prompt
         self.pad_to_multiple_of = pad_to_multiple_of
+        self.long_prompts = long_prompts
         self.tokenizer = None
         self.formatter: PromptFormatter | None = None
         self.train_units: list[Any] = []
@@ -262,8 +270,20 @@ class RLHFDataModule(L.LightningDataModule):
             return []
         return self._loader(self.val_dataset, self.eval_batch_size, shuffle=False)
 
+    def drops_prompt(self, prompt: Conversation | list[int]) -> bool:
+        """True (and counted) when ``long_prompts="drop"`` and the prompt (a conversation, or
+        its token ids) is longer than ``max_prompt_length``; not tokenized otherwise."""
+        if self.long_prompts != "drop":
+            return False
+        ids = prompt if isinstance(prompt, list) else self.formatter.prompt_ids(prompt)
+        if len(ids) > self.max_prompt_length:
+            self.stats["long_prompts_dropped"] = self.stats.get("long_prompts_dropped", 0) + 1
+            return True
+        return False
+
     def pair_ids(self, prompt: Conversation, response: str) -> tuple[list[int], list[int]]:
-        """Prompt and response ids for one pair, truncated to the configured lengths."""
+        """Prompt and response ids for one pair, truncated to the configured lengths (a
+        response is empty when nothing of it fits)."""
         pair = truncate_pair(
             self.formatter.prompt_ids(prompt),
             self.formatter.response_ids(prompt, response),
@@ -279,6 +299,8 @@ class DemonstrationDataModule(RLHFDataModule):
     record_kind = "demonstration"
 
     def encode(self, unit: Demonstration, index: int) -> dict[str, Any] | None:
+        if self.drops_prompt(unit.prompt):
+            return None
         prompt_ids, response_ids = self.pair_ids(unit.prompt, unit.response)
         return {"prompt_ids": prompt_ids, "response_ids": response_ids} if response_ids else None
 
@@ -331,6 +353,8 @@ class ComparisonDataModule(RLHFDataModule):
         return group_preferences(records)
 
     def encode(self, unit: PreferenceGroup, index: int) -> dict[str, Any] | None:
+        if self.drops_prompt(unit.prompt):
+            return None
         encoded = [self.pair_ids(unit.prompt, c) for c in unit.completions]
         if any(not response for _, response in encoded):
             return None
@@ -354,6 +378,8 @@ class PromptDataModule(RLHFDataModule):
 
     def encode(self, unit: PromptRecord, index: int) -> dict[str, Any] | None:
         ids = self.formatter.prompt_ids(unit.prompt)
+        if self.drops_prompt(ids):
+            return None
         return {"prompt_ids": ids[-self.max_prompt_length :], "index": index}
 
     def collator(self) -> PromptCollator:
