@@ -77,3 +77,20 @@ def test_a_uniform_at_the_top_end_still_draws_a_token_with_probability(monkeypat
     logits = torch.tensor([[0.0, 5.0, -1.0, -2.0]])
     assert sample_from_logits(logits, 1.0, top_k=2).tolist() == [1]  # tokens 2, 3 are filtered
     assert sample_from_logits(logits, 1.0).tolist() == [3]
+
+
+def test_the_lm_head_gets_contiguous_inputs_during_generation_only():
+    """generate's prefill slices ``hidden[:, -1:, :]``; a strided input sends the bias-free
+    head through matmul's batched path, which copies its weight once per row."""
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=12, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, bos_token_id=0, eos_token_id=11,
+                         pad_token_id=10)
+    model = LlamaForCausalLM(config).eval()
+    seen: list[bool] = []
+    model.lm_head.register_forward_hook(lambda module, args, out: seen.append(args[0].is_contiguous()))
+    prompt = torch.tensor([[1, 5, 7, 2], [3, 4, 6, 8]])
+    sample_responses(model, prompt, torch.ones_like(prompt), SamplingSettings(max_new_tokens=3),
+                     eos_id=11, pad_id=10)
+    assert len(seen) == 3 and all(seen)  # prefill + 2 decode steps
+    assert not model.lm_head._forward_pre_hooks  # the hook is removed afterwards

@@ -7,6 +7,8 @@ Response tokens after the first EOS are masked out of everything.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, fields, replace
 from typing import Protocol
 
@@ -64,6 +66,27 @@ def response_logprobs(
     return root_forward(lm, per_row)
 
 
+def _contiguous_input(module: nn.Module, args: tuple) -> tuple:
+    return (args[0].contiguous(), *args[1:])
+
+
+@contextmanager
+def contiguous_head_input(model: nn.Module) -> Iterator[None]:
+    """Make the LM head's input contiguous while the block runs.
+
+    ``generate``'s prefill feeds the head the slice ``hidden[:, -1:, :]`` of ``[B, P, H]``, a
+    strided view; a bias-free ``F.linear`` then takes ``matmul``'s batched path, which copies
+    the ``[H, vocab]`` weight once per row (measured on the CPU: 815 ms for 8 rows x 49k vocab
+    vs 7 ms for the same slice made contiguous)."""
+    head = causal_lm_of(model).get_output_embeddings()
+    handle = head.register_forward_pre_hook(_contiguous_input) if head is not None else None
+    try:
+        yield
+    finally:
+        if handle is not None:
+            handle.remove()
+
+
 @timed("generation")
 @torch.no_grad()
 def sample_responses(
@@ -82,7 +105,8 @@ def sample_responses(
     Every built-in processor is switched off explicitly: ``generate`` fills unset (``None``)
     fields from the model's generation config and global defaults, which would make the
     sampling distribution differ from the one log-probs are computed under. A sharded model
-    (FSDP) steps in lockstep on every rank until all ranks are done (``synced_gpus``).
+    (FSDP) steps in lockstep on every rank until all ranks are done (``synced_gpus``). The
+    head's input is made contiguous (:func:`contiguous_head_input`).
     """
     config = GenerationConfig(
         do_sample=False,
@@ -96,10 +120,11 @@ def sample_responses(
         use_cache=True,
     )
     sampler = InverseCDFSampler(sampling.temperature, sampling.top_k, sampling.top_p)
-    out = model.generate(
-        input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
-        logits_processor=LogitsProcessorList([sampler]), synced_gpus=synced_generation(model),
-    )
+    with contiguous_head_input(model):
+        out = model.generate(
+            input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
+            logits_processor=LogitsProcessorList([sampler]), synced_gpus=synced_generation(model),
+        )
     return out[:, input_ids.shape[1] :]
 
 
