@@ -6,8 +6,9 @@
 
 ``--split val`` keeps exactly the prompt groups :class:`~rlhf.data.ComparisonDataModule` held
 out with the same files (in the same order), ``val_fraction`` and ``split_seed``: the accuracy
-on comparisons the reward model never trained on. Prompts are formatted and truncated as in
-training (the settings saved in ``reward_model.json`` unless given here).
+on comparisons the reward model never trained on. Prompts are formatted and truncated (or,
+for an RM trained with ``long_prompts: drop``, over-long ones skipped) as in training: the
+settings saved in ``reward_model.json`` unless given here.
 """
 
 from __future__ import annotations
@@ -187,6 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-length", type=int, default=None, help="default: as trained, else 512")
     p.add_argument("--max-prompt-length", type=int, default=None, help="default: as trained, else 384")
+    p.add_argument("--long-prompts", default=None, choices=["truncate", "drop"],
+                   help="prompts over --max-prompt-length: truncate, or skip the comparison; "
+                   "default: as trained, else truncate")
     p.add_argument("--limit", type=int, default=None, help="score only the first N comparisons")
     p.add_argument("--val-fraction", type=float, default=0.0)
     p.add_argument("--split-seed", type=int, default=0)
@@ -220,6 +224,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     formatter = PromptFormatter(tokenizer, trained.get("use_chat_template"), trained.get("system_prompt"))
 
     pairs = select_comparisons(args.data, args.schema, args.split, args.val_fraction, args.split_seed)
+    if (args.long_prompts or trained.get("long_prompts") or "truncate") == "drop":
+        pairs = [p for p in pairs if len(formatter.prompt_ids(as_conversation(p.prompt))) <= max_prompt_length]
     if args.limit is not None:
         pairs = pairs[: args.limit]
     if not pairs:

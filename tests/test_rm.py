@@ -306,3 +306,13 @@ def test_score_cli_reproduces_validation_split(trained_rm, tmp_path):
     summary = main(["--model", str(out), "--data", str(path), "--schema", "fields", "--limit", "5",
                     "--no-progress"])
     assert summary["n"] == 5
+    # --long-prompts drop keeps the comparisons whose formatted prompt fits, as a data module
+    # with long_prompts="drop" would.
+    lengths = sorted(len(data.formatter.prompt_ids(u.prompt)) for u in data.val_units)
+    cut = lengths[0]  # the shortest prompts (29 tokens; the rest are 30)
+    kept = sum(n <= cut for n in lengths)
+    assert 0 < kept < len(lengths)
+    summary = main(["--model", str(out), "--data", str(path), "--schema", "fields", "--val-fraction",
+                    "0.2", "--split-seed", "3", "--split", "val", "--long-prompts", "drop",
+                    "--max-prompt-length", str(cut), "--no-progress"])
+    assert summary["n"] == kept

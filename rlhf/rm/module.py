@@ -199,6 +199,7 @@ class RewardModule(StageModule):
             "system_prompt": data.system_prompt,
             "max_length": data.max_length,
             "max_prompt_length": data.max_prompt_length,
+            "long_prompts": getattr(data, "long_prompts", "truncate"),
         }
 
     def save_outputs(self, output_dir: str) -> None:
