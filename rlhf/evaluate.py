@@ -106,35 +106,48 @@ def policy_summary(rows: Sequence[SampleRow]) -> dict[str, float]:
     }
 
 
+def _paired_stats(pairs: Sequence[tuple[SampleRow, SampleRow]]) -> tuple[float, float, float, float, int, int]:
+    """Win rate (ties half) and score difference of ``(baseline, challenger)`` pairs, as means
+    over prompts with standard errors over prompts; then the pair and prompt counts."""
+    wins: dict[int, list[float]] = {}
+    diffs: dict[int, list[float]] = {}
+    for other, row in pairs:
+        win = 1.0 if row.reward > other.reward else 0.5 if row.reward == other.reward else 0.0
+        wins.setdefault(row.prompt_id, []).append(win)
+        diffs.setdefault(row.prompt_id, []).append(row.reward - other.reward)
+    win, win_se = mean_and_se([statistics.fmean(v) for v in wins.values()])
+    diff, diff_se = mean_and_se([statistics.fmean(v) for v in diffs.values()])
+    return win, win_se, diff, diff_se, len(pairs), len(wins)
+
+
 def head_to_head(baseline: Sequence[SampleRow], challenger: Sequence[SampleRow]) -> dict[str, float]:
     """Win rate of ``challenger`` over ``baseline`` under the RM, and the paired score difference.
 
     Sample ``i`` of a prompt is compared with sample ``i`` of the other policy for the same
     prompt; a tie counts half. Means are over prompts (each prompt's mean over its samples),
-    standard errors over prompts.
+    standard errors over prompts. The ``same_ending_*`` keys repeat both over the pairs whose
+    two replies end alike (both with EOS, or both cut at the token limit): a gain that is only
+    "stops later" (a common reward-model bias) vanishes there.
     """
-    base = {(r.prompt_id, r.sample): r.reward for r in baseline}
-    wins: dict[int, list[float]] = {}
-    diffs: dict[int, list[float]] = {}
-    for row in challenger:
-        key = (row.prompt_id, row.sample)
-        if key not in base:
-            continue
-        other = base[key]
-        win = 1.0 if row.reward > other else 0.5 if row.reward == other else 0.0
-        wins.setdefault(row.prompt_id, []).append(win)
-        diffs.setdefault(row.prompt_id, []).append(row.reward - other)
-    if not wins:
+    base = {(r.prompt_id, r.sample): r for r in baseline}
+    pairs = [(base[(r.prompt_id, r.sample)], r) for r in challenger if (r.prompt_id, r.sample) in base]
+    if not pairs:
         raise ValueError("the two policies share no (prompt, sample) to compare")
-    win, win_se = mean_and_se([statistics.fmean(v) for v in wins.values()])
-    diff, diff_se = mean_and_se([statistics.fmean(v) for v in diffs.values()])
+    win, win_se, diff, diff_se, n, prompts = _paired_stats(pairs)
+    same = [(a, b) for a, b in pairs if a.eos == b.eos]
+    s_win, s_win_se, s_diff, s_diff_se, s_n, _ = _paired_stats(same)
     return {
         "win_rate": win,
         "win_rate_se": win_se,
         "reward_diff": diff,
         "reward_diff_se": diff_se,
-        "pairs": sum(len(v) for v in wins.values()),
-        "prompts": len(wins),
+        "pairs": n,
+        "prompts": prompts,
+        "same_ending_win_rate": s_win,
+        "same_ending_win_rate_se": s_win_se,
+        "same_ending_reward_diff": s_diff,
+        "same_ending_reward_diff_se": s_diff_se,
+        "same_ending_pairs": s_n,
     }
 
 
@@ -194,6 +207,13 @@ class Report:
                     f"| {c['policy']} vs {c['baseline']} | {c['win_rate']:.3f} ± {c['win_rate_se']:.3f} | "
                     f"{c['reward_diff']:+.4f} ± {c['reward_diff_se']:.4f} | {c['pairs']} |"
                 )
+                if c.get("same_ending_pairs"):
+                    lines.append(
+                        f"| ... pairs whose replies end alike (both EOS or both cut) | "
+                        f"{c['same_ending_win_rate']:.3f} ± {c['same_ending_win_rate_se']:.3f} | "
+                        f"{c['same_ending_reward_diff']:+.4f} ± {c['same_ending_reward_diff_se']:.4f} | "
+                        f"{c['same_ending_pairs']} |"
+                    )
         names = list(self.policies)
         first = {(r.policy, r.prompt_id): r for r in self.rows if r.sample == 0}
         prompt_ids = sorted({r.prompt_id for r in self.rows})[:show]

@@ -51,6 +51,24 @@ def test_head_to_head_counts_ties_half(rows):
     assert (c["pairs"], c["prompts"]) == (4, 2)
 
 
+def test_head_to_head_same_ending_pairs_drop_the_length_only_wins():
+    # ppo wins where it runs on past an sft reply that ended, loses where both end alike.
+    sft = [row("sft", 0, 0, 0.0, eos=True), row("sft", 0, 1, 1.0, eos=False),
+           row("sft", 1, 0, 0.0, eos=True), row("sft", 1, 1, 2.0, eos=True)]
+    ppo = [row("ppo", 0, 0, 1.0, eos=False), row("ppo", 0, 1, 0.5, eos=False),
+           row("ppo", 1, 0, 1.0, eos=False), row("ppo", 1, 1, 1.0, eos=True)]
+    c = head_to_head(sft, ppo)
+    assert c["win_rate"] == pytest.approx(0.5) and c["reward_diff"] == pytest.approx(0.125)
+    # same ending: (0, 1) diff -0.5 and (1, 1) diff -1.0, one pair per prompt
+    assert c["same_ending_pairs"] == 2
+    assert c["same_ending_win_rate"] == pytest.approx(0.0)
+    assert c["same_ending_reward_diff"] == pytest.approx(-0.75)
+    assert c["same_ending_reward_diff_se"] == pytest.approx(0.25)
+    report = Report.from_rows(sft + ppo, ["sft", "ppo"], {"reward": "rm", "reference": "sft", "prompts": 2,
+                              "samples_per_prompt": 2, "temperature": 0.7, "max_new_tokens": 8})
+    assert "| ... pairs whose replies end alike (both EOS or both cut) | 0.000 ± 0.000 | -0.7500 ± 0.2500 | 2 |" in report.to_markdown()
+
+
 def test_head_to_head_needs_shared_samples(rows):
     with pytest.raises(ValueError, match="share no"):
         head_to_head([row("a", 0, 0, 1.0)], [row("b", 1, 0, 1.0)])
