@@ -175,7 +175,7 @@ def stage_summary(stage: Stage) -> dict[str, str]:
     for c in data.get("comparisons", []):
         summary[f"{c['policy']} win rate vs {c['baseline']}"] = f"{c['win_rate']:.3f} ± {c['win_rate_se']:.3f}"
         if c.get("same_ending_pairs"):
-            summary["  where replies end alike"] = (
+            summary[f"{c['policy']} win rate, replies ending alike"] = (
                 f"{c['same_ending_win_rate']:.3f} ± {c['same_ending_win_rate_se']:.3f} "
                 f"({c['same_ending_pairs']} pairs)"
             )
