@@ -12,6 +12,12 @@ benchmark activates a :class:`PhaseTimes` per iteration::
 
 On CUDA the device is synchronised at each phase boundary (only while recording), so a
 phase's time includes the kernels it launched.
+
+:class:`PhaseTimesLogger` does that for a training run and logs the seconds of each iteration's
+phases as metrics (``time/<phase>_s``, plus ``time/iteration_s``)::
+
+    python -m rlhf.fit --config configs/quickstart/ppo.yaml \
+        --trainer.callbacks+=rlhf.ppo.timing.PhaseTimesLogger
 """
 
 from __future__ import annotations
@@ -19,10 +25,11 @@ from __future__ import annotations
 import functools
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+import lightning as L
 import torch
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -94,3 +101,40 @@ def timed(name: str) -> Callable[[F], F]:
         return wrapper  # type: ignore[return-value]
 
     return decorate
+
+
+class PhaseTimesLogger(L.Callback):
+    """Log each training step's phase seconds as ``time/<phase>_s`` and its wall time as
+    ``time/iteration_s`` (to every logger: CSV, W&B); for a PPO run a step is one iteration.
+    Recording adds a device synchronisation per phase on CUDA, none on the CPU."""
+
+    def __init__(self) -> None:
+        self._stack: ExitStack | None = None
+        self._times: PhaseTimes | None = None
+        self._start = 0.0
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        self._close()
+        self._times, self._stack = PhaseTimes(), ExitStack()
+        self._stack.enter_context(recording(self._times))
+        _sync()
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self._times is None:
+            return
+        _sync()
+        metrics = {f"time/{name}_s": seconds for name, seconds in self._times.seconds.items()}
+        metrics["time/iteration_s"] = time.perf_counter() - self._start
+        self._close()  # before logging: the logger's own time is not a phase
+        pl_module.log_dict(metrics, on_step=True, on_epoch=False, sync_dist=False)
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self._close()
+
+    def _close(self) -> None:
+        if self._stack is not None:
+            self._stack.close()
+        self._stack = self._times = None
