@@ -270,22 +270,21 @@ class RLHFDataModule(L.LightningDataModule):
             return []
         return self._loader(self.val_dataset, self.eval_batch_size, shuffle=False)
 
-    def drops_prompt(self, prompt: Conversation | list[int]) -> bool:
-        """True (and counted) when ``long_prompts="drop"`` and the prompt (a conversation, or
-        its token ids) is longer than ``max_prompt_length``; not tokenized otherwise."""
-        if self.long_prompts != "drop":
-            return False
-        ids = prompt if isinstance(prompt, list) else self.formatter.prompt_ids(prompt)
-        if len(ids) > self.max_prompt_length:
+    def drops_prompt(self, prompt_ids: list[int]) -> bool:
+        """True (and counted) when ``long_prompts="drop"`` and the prompt is over the limit."""
+        if self.long_prompts == "drop" and len(prompt_ids) > self.max_prompt_length:
             self.stats["long_prompts_dropped"] = self.stats.get("long_prompts_dropped", 0) + 1
             return True
         return False
 
-    def pair_ids(self, prompt: Conversation, response: str) -> tuple[list[int], list[int]]:
+    def pair_ids(
+        self, prompt: Conversation, response: str, prompt_ids: list[int]
+    ) -> tuple[list[int], list[int]]:
         """Prompt and response ids for one pair, truncated to the configured lengths (a
-        response is empty when nothing of it fits)."""
+        response is empty when nothing of it fits); ``prompt_ids`` are the prompt's untruncated
+        ids (``formatter.prompt_ids(prompt)``, tokenized once per unit)."""
         pair = truncate_pair(
-            self.formatter.prompt_ids(prompt),
+            prompt_ids,
             self.formatter.response_ids(prompt, response),
             self.max_length,
             self.max_prompt_length,
@@ -299,9 +298,10 @@ class DemonstrationDataModule(RLHFDataModule):
     record_kind = "demonstration"
 
     def encode(self, unit: Demonstration, index: int) -> dict[str, Any] | None:
-        if self.drops_prompt(unit.prompt):
+        prompt_ids = self.formatter.prompt_ids(unit.prompt)
+        if self.drops_prompt(prompt_ids):
             return None
-        prompt_ids, response_ids = self.pair_ids(unit.prompt, unit.response)
+        prompt_ids, response_ids = self.pair_ids(unit.prompt, unit.response, prompt_ids)
         return {"prompt_ids": prompt_ids, "response_ids": response_ids} if response_ids else None
 
     def collator(self) -> DemonstrationCollator:
@@ -353,9 +353,10 @@ class ComparisonDataModule(RLHFDataModule):
         return group_preferences(records)
 
     def encode(self, unit: PreferenceGroup, index: int) -> dict[str, Any] | None:
-        if self.drops_prompt(unit.prompt):
+        full_prompt_ids = self.formatter.prompt_ids(unit.prompt)
+        if self.drops_prompt(full_prompt_ids):
             return None
-        encoded = [self.pair_ids(unit.prompt, c) for c in unit.completions]
+        encoded = [self.pair_ids(unit.prompt, c, full_prompt_ids) for c in unit.completions]
         if any(not response for _, response in encoded):
             return None
         # Truncation keeps the prompt identical for every completion of the group.
