@@ -70,32 +70,25 @@ def run_ours(spec: RunSpec) -> dict[str, Any]:
     from rlhf.models.loading import LoraSettings, ModelSettings
     from rlhf.ppo.module import PPOModule
     from rlhf.ppo.settings import KLSettings, RewardSettings, SamplingSettings, UpdateSettings
-    from rlhf.ppo.timing import PhaseTimes, recording
+    from rlhf.ppo.timing import PhaseTimesRecorder
 
     import_rss = peak_rss_bytes()
     rows = load_prompts(spec.prompts)
 
     class Clock(StepClock):
-        """Iteration wall times plus phase times and response tokens, one entry per iteration."""
+        """Iteration wall times plus phase times (from a :class:`PhaseTimesRecorder`, which
+        must run first) and response tokens, one entry per iteration."""
 
-        def __init__(self) -> None:
+        def __init__(self, recorder: PhaseTimesRecorder) -> None:
             super().__init__()
+            self.recorder = recorder
             self.phases: list[dict[str, float]] = []
             self.tokens: list[float] = []
-            self._recording: Any = None
-            self._times: PhaseTimes | None = None
-
-        def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
-                                 batch_idx: int) -> None:
-            self._times = PhaseTimes()
-            self._recording = recording(self._times)
-            self._recording.__enter__()
 
         def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any,
                                batch: Any, batch_idx: int) -> None:
             super().on_train_batch_end()
-            self._recording.__exit__(None, None, None)
-            self.phases.append(dict(self._times.seconds))
+            self.phases.append(self.recorder.last)
             length = float(trainer.callback_metrics["response/length"])
             self.tokens.append(length * spec.batch_size)
 
@@ -113,12 +106,13 @@ def run_ours(spec: RunSpec) -> dict[str, Any]:
         estimator="gae", critic="shared",
         iterations=spec.warmup + spec.iterations, sample_every=0, lr=spec.lr, output_dir=None,
     )
-    clock = Clock()
+    recorder = PhaseTimesRecorder()
+    clock = Clock(recorder)
     with tempfile.TemporaryDirectory() as root:
         trainer = L.Trainer(
             accelerator="auto", devices=1, max_epochs=-1, logger=False, enable_checkpointing=False,
             enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-            num_sanity_val_steps=0, callbacks=[clock], default_root_dir=root,
+            num_sanity_val_steps=0, callbacks=[recorder, clock], default_root_dir=root,
         )
         trainer.fit(module, datamodule=FixedPrompts(rows, spec.batch_size))
     trainable = sum(p.numel() for p in module.trainable_parameters())

@@ -103,12 +103,14 @@ def timed(name: str) -> Callable[[F], F]:
     return decorate
 
 
-class PhaseTimesLogger(L.Callback):
-    """Log each training step's phase seconds as ``time/<phase>_s`` and its wall time as
-    ``time/iteration_s`` (to every logger: CSV, W&B); for a PPO run a step is one iteration.
+class PhaseTimesRecorder(L.Callback):
+    """Record each training step's phases: after a step, :attr:`last` holds its
+    ``{phase: seconds}`` and :attr:`last_step_seconds` its wall time (batch start to end).
     Recording adds a device synchronisation per phase on CUDA, none on the CPU."""
 
     def __init__(self) -> None:
+        self.last: dict[str, float] = {}
+        self.last_step_seconds = 0.0
         self._stack: ExitStack | None = None
         self._times: PhaseTimes | None = None
         self._start = 0.0
@@ -126,10 +128,9 @@ class PhaseTimesLogger(L.Callback):
         if self._times is None:
             return
         _sync()
-        metrics = {f"time/{name}_s": seconds for name, seconds in self._times.seconds.items()}
-        metrics["time/iteration_s"] = time.perf_counter() - self._start
-        self._close()  # before logging: the logger's own time is not a phase
-        pl_module.log_dict(metrics, on_step=True, on_epoch=False, sync_dist=False)
+        self.last_step_seconds = time.perf_counter() - self._start
+        self.last = dict(self._times.seconds)
+        self._close()
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         self._close()
@@ -138,3 +139,17 @@ class PhaseTimesLogger(L.Callback):
         if self._stack is not None:
             self._stack.close()
         self._stack = self._times = None
+
+
+class PhaseTimesLogger(PhaseTimesRecorder):
+    """Log each training step's phase seconds as ``time/<phase>_s`` and its wall time as
+    ``time/iteration_s`` (to every logger: CSV, W&B); for a PPO run a step is one iteration."""
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        # Recording has stopped: the logger's own time is not a phase.
+        metrics = {f"time/{name}_s": seconds for name, seconds in self.last.items()}
+        metrics["time/iteration_s"] = self.last_step_seconds
+        pl_module.log_dict(metrics, on_step=True, on_epoch=False, sync_dist=False)
