@@ -2,13 +2,16 @@
 
     python -m benchmarks.sampling            # ~5 s; prints milliseconds per draw
     python -m benchmarks.sampling --generate # + 64 tokens x 8 prompts on the medium model, ~1 min
+    python -m benchmarks.sampling --head     # + the LM head on generate's strided prefill slice
 
 Both draw one token per row from ``softmax(logits / 0.7)`` over a SmolLM2-sized vocabulary
 (49,152), temperature and softmax included (what ``generate``'s sampling step does per token).
 ``--generate`` also times whole generations with the benchmark's random ``medium`` Llama
 (LoRA on): ``generate``'s own sampling (``do_sample=True``, ``torch.multinomial``) against
 :func:`rlhf.ppo.rollout.sample_responses`. Nothing is written: the numbers explain lines of the
-README, they are not a target.
+README, they are not a target. ``--head`` times a bias-free ``F.linear`` over a SmolLM2-sized
+head (576 x 49,152) on ``hidden[:, -1:, :]`` of ``[8, 48, 576]``, as ``generate``'s prefill
+calls it, against the same slice made contiguous (:func:`rlhf.ppo.rollout.contiguous_head_input`).
 """
 
 from __future__ import annotations
@@ -71,12 +74,23 @@ def generation_seconds(repeats: int = 3) -> dict[str, list[float]]:
     return {name: values[1:] for name, values in seconds.items()}
 
 
+def head_milliseconds(dtype: torch.dtype, repeats: int = 5) -> tuple[float, float]:
+    """Milliseconds of the LM head on the strided prefill slice, and on it made contiguous."""
+    weight = torch.randn(49152, 576, dtype=dtype)
+    hidden = torch.randn(PROMPTS, 48, 576, dtype=dtype)
+    strided = hidden[:, -1:, :]
+    with torch.no_grad():
+        return (milliseconds_per_call(lambda: torch.nn.functional.linear(strided, weight), repeats),
+                milliseconds_per_call(lambda: torch.nn.functional.linear(strided.contiguous(), weight), repeats))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--vocab", type=int, default=49152)
     parser.add_argument("--rows", type=int, nargs="+", default=[8, 32])
     parser.add_argument("--repeats", type=int, default=50)
     parser.add_argument("--generate", action="store_true", help="also time whole generations")
+    parser.add_argument("--head", action="store_true", help="also time the LM head on a strided slice")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, vocabulary {args.vocab}")
@@ -88,6 +102,11 @@ def main(argv: list[str] | None = None) -> None:
         )
         inverse_cdf = milliseconds_per_call(lambda: sample_from_logits(logits, 0.7), args.repeats)
         print(f"| {rows} | {multinomial:.2f} | {inverse_cdf:.2f} |")
+    if args.head:
+        print(f"\nLM head on generate's prefill slice, {PROMPTS} rows (ms): strided vs contiguous")
+        for dtype in (torch.float32, torch.bfloat16):
+            strided, contiguous = head_milliseconds(dtype)
+            print(f"  {dtype}: {strided:.1f} vs {contiguous:.1f}")
     if args.generate:
         print(f"\n{PROMPTS} prompts x {NEW_TOKENS} new tokens, {GENERATION_SHAPE} model, LoRA on (s):")
         for name, values in generation_seconds().items():

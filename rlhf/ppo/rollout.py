@@ -77,7 +77,8 @@ def contiguous_head_input(model: nn.Module) -> Iterator[None]:
     ``generate``'s prefill feeds the head the slice ``hidden[:, -1:, :]`` of ``[B, P, H]``, a
     strided view; a bias-free ``F.linear`` then takes ``matmul``'s batched path, which copies
     the ``[H, vocab]`` weight once per row. Measured on the CPU for 8 rows x 576 x 49k vocab:
-    bf16 714-815 ms vs 6-7 ms for the same slice made contiguous; float32 31 vs 13 ms."""
+    bf16 710-815 ms vs 3-7 ms for the same slice made contiguous; float32 23-31 vs 10-13 ms
+    (``python -m benchmarks.sampling --head``)."""
     head = causal_lm_of(model).get_output_embeddings()
     handle = head.register_forward_pre_hook(_contiguous_input) if head is not None else None
     try:
