@@ -37,6 +37,7 @@ from benchmarks.assets import DEFAULT_TOKENIZER, REPO_ROOT, SIZES, build_assets
 from benchmarks.workers import RunSpec
 
 RESULTS = REPO_ROOT / "benchmarks" / "results" / "ppo_vs_trl.json"
+RESULTS_BF16 = REPO_ROOT / "benchmarks" / "results" / "ppo_vs_trl_bf16.json"
 MIB = 2**20
 # Phases of our iteration in the order they run; "rollout_other" and "other" are remainders.
 OUR_PHASES = ["generation", "policy_value", "reference", "reward", "rollout_other", "update", "other"]
@@ -209,13 +210,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--trainers", default="ours,trl", help="ours, trl or both")
     parser.add_argument("--separate-reward-model", action="store_true",
                         help="ours loads the RM as its own model instead of an adapter on the policy base")
+    parser.add_argument("--precision", choices=("32", "bf16"), default="32",
+                        help="32: float32 in both; bf16: bf16 mixed precision in both (ours: bf16-mixed; TRL: "
+                             "bf16=True), frozen weights (policy base, reward model) stored in bf16, trained "
+                             "weights (adapters, heads, TRL's value model) in float32")
     parser.add_argument("--threads", type=int, default=None, help="torch threads per worker (default: torch's)")
     parser.add_argument("--tokenizer", default=str(DEFAULT_TOKENIZER), help="tokenizer directory for both")
     parser.add_argument("--work-dir", default=None, help="assets and worker logs (default: a temp dir)")
-    parser.add_argument("--out", default=str(RESULTS), help="result JSON")
+    parser.add_argument("--out", default=None,
+                        help=f"result JSON (default: {RESULTS.relative_to(REPO_ROOT)}; "
+                             f"with --precision bf16, {RESULTS_BF16.relative_to(REPO_ROOT)})")
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: size small, 16 new tokens, batch 4, 2 epochs, 2 timed iterations")
     args = parser.parse_args(argv)
+    if args.out is None:
+        args.out = str(RESULTS_BF16 if args.precision == "bf16" else RESULTS)
     if args.quick:
         args.sizes, args.response_lengths, args.batch_size = "small", "16", 4
         args.prompt_length, args.ppo_epochs, args.iterations = 32, 2, 2
@@ -236,7 +245,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     work.mkdir(parents=True, exist_ok=True)
     common = dict(batch_size=args.batch_size, ppo_epochs=args.ppo_epochs, warmup=args.warmup,
                   iterations=args.iterations, lora_r=args.lora_r, lora_alpha=2 * args.lora_r,
-                  threads=args.threads, share_reward_base=not args.separate_reward_model)
+                  threads=args.threads, share_reward_base=not args.separate_reward_model, precision=args.precision)
     try:
         baselines = {t: run_worker(RunSpec(trainer=f"baseline-{t}", threads=args.threads), work, f"baseline-{t}")
                      ["import_rss_bytes"] for t in trainers}
@@ -270,7 +279,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "benchmark": "ppo_vs_trl",
         "command": "python -m benchmarks.ppo_vs_trl " + " ".join(sys.argv[1:]),
         "settings": {**common, "prompt_length": args.prompt_length, "temperature": 0.7, "kl_coef": 0.05,
-                     "minibatch": "= batch", "tokenizer": str(args.tokenizer), "dtype": "float32"},
+                     "minibatch": "= batch", "tokenizer": str(args.tokenizer)},
         "machine": machine_info(),
         "load_average_before": load_before,
         "load_average_after": load_average(),

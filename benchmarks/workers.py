@@ -46,12 +46,20 @@ class RunSpec:
     seed: int = 0
     threads: int | None = None
     share_reward_base: bool = True
+    precision: str = "32"  # "32": float32 throughout; "bf16": bf16 autocast, frozen weights in bf16
 
 
 def peak_rss_bytes() -> int:
     """This process's peak resident set size so far (Linux reports ``ru_maxrss`` in KiB)."""
     scale = 1 if sys.platform == "darwin" else 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
+def check_precision(precision: str) -> str:
+    """``precision`` if it is ``"32"`` or ``"bf16"``; else a ``ValueError``."""
+    if precision not in ("32", "bf16"):
+        raise ValueError(f"precision must be '32' or 'bf16', got {precision!r}")
+    return precision
 
 
 def load_prompts(path: str) -> list[list[int]]:
@@ -92,10 +100,12 @@ def run_ours(spec: RunSpec) -> dict[str, Any]:
             length = float(trainer.callback_metrics["response/length"])
             self.tokens.append(length * spec.batch_size)
 
+    bf16 = check_precision(spec.precision) == "bf16"
     torch.manual_seed(spec.seed)
     setup_start = time.perf_counter()
     module = PPOModule(
-        base=ModelSettings(spec.base, dtype="float32", lora=LoraSettings(r=spec.lora_r, alpha=spec.lora_alpha)),
+        # bf16: our recipe, bf16-mixed with the frozen base stored in bf16 (dtype auto).
+        base=ModelSettings(spec.base, dtype="auto" if bf16 else "float32", lora=LoraSettings(r=spec.lora_r, alpha=spec.lora_alpha)),
         # Raw RM scores as TRL uses them: no normalisation, clipping or missing-EOS penalty.
         reward=RewardSettings(model=spec.rm, normalize=False, clip=None, missing_eos_penalty=None,
                               share_base=spec.share_reward_base),
@@ -110,7 +120,8 @@ def run_ours(spec: RunSpec) -> dict[str, Any]:
     clock = Clock(recorder)
     with tempfile.TemporaryDirectory() as root:
         trainer = L.Trainer(
-            accelerator="auto", devices=1, max_epochs=-1, logger=False, enable_checkpointing=False,
+            accelerator="auto", devices=1, precision="bf16-mixed" if bf16 else "32-true", max_epochs=-1,
+            logger=False, enable_checkpointing=False,
             enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
             num_sanity_val_steps=0, callbacks=[recorder, clock], default_root_dir=root,
         )
@@ -124,7 +135,7 @@ def run_ours(spec: RunSpec) -> dict[str, Any]:
 
 
 # -- TRL -------------------------------------------------------------------------------------
-def _sequence_classifier(rm_dir: str, pad_token_id: int) -> Any:
+def _sequence_classifier(rm_dir: str, pad_token_id: int, dtype: Any = None) -> Any:
     """Our saved reward model (merged backbone + head) as an ``AutoModelForSequenceClassification``."""
     import torch
     from safetensors.torch import load_file
@@ -132,7 +143,7 @@ def _sequence_classifier(rm_dir: str, pad_token_id: int) -> Any:
 
     info = json.loads((Path(rm_dir) / "reward_model.json").read_text())
     model = AutoModelForSequenceClassification.from_pretrained(
-        str(Path(rm_dir) / info["model_dir"]), num_labels=1, dtype=torch.float32, local_files_only=True
+        str(Path(rm_dir) / info["model_dir"]), num_labels=1, dtype=dtype or torch.float32, local_files_only=True
     )
     head = load_file(str(Path(rm_dir) / info["score_head"]))
     if float(head["bias"].abs().max()) != 0.0:
@@ -216,8 +227,11 @@ def run_trl(spec: RunSpec) -> dict[str, Any]:
     setup_start = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(spec.base, local_files_only=True)
     tokenizer.padding_side = "left"
-    policy = AutoModelForCausalLM.from_pretrained(spec.base, dtype=torch.float32, local_files_only=True)
-    reward_model = _sequence_classifier(spec.rm, tokenizer.pad_token_id)
+    # bf16: the frozen weights (the policy's base under LoRA, the reward model) in bf16 as ours;
+    # the fully trained value model keeps float32 weights (AdamW on bf16 weights loses updates).
+    frozen = torch.bfloat16 if check_precision(spec.precision) == "bf16" else torch.float32
+    policy = AutoModelForCausalLM.from_pretrained(spec.base, dtype=frozen, local_files_only=True)
+    reward_model = _sequence_classifier(spec.rm, tokenizer.pad_token_id, frozen)
     value_model = _sequence_classifier(spec.rm, tokenizer.pad_token_id)  # critic initialised from the RM
     clock = Clock()
     with tempfile.TemporaryDirectory() as root:
@@ -227,7 +241,9 @@ def run_trl(spec: RunSpec) -> dict[str, Any]:
             num_ppo_epochs=spec.ppo_epochs, total_episodes=n * spec.batch_size,
             local_rollout_forward_batch_size=spec.batch_size, response_length=spec.response_length,
             temperature=spec.temperature, stop_token=None, missing_eos_penalty=None, kl_coef=spec.kl_coef,
-            kl_estimator="k1", learning_rate=spec.lr, num_sample_generations=0, bf16=False,
+            kl_estimator="k1", learning_rate=spec.lr, num_sample_generations=0,
+            # bf16: TRL's (the HF Trainer's) mixed precision, float32 weights under bf16 autocast.
+            bf16=check_precision(spec.precision) == "bf16", use_cpu=not torch.cuda.is_available(),
             gradient_checkpointing=False, disable_tqdm=True, logging_steps=1, dataloader_num_workers=0,
         )
         trainer = PPOTrainer(

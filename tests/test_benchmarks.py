@@ -37,14 +37,15 @@ def test_summary_takes_medians_after_warmup_and_fills_the_remainders():
 
 
 @pytest.mark.slow
-def test_tiny_side_by_side_run_writes_sane_results(tmp_path, tiny_model_dir):
+@pytest.mark.parametrize("precision", ["32", "bf16"])
+def test_tiny_side_by_side_run_writes_sane_results(tmp_path, tiny_model_dir, precision):
     pytest.importorskip("trl", reason="the TRL side needs the bench extra: pip install -e '.[bench]'")
     out = tmp_path / "result.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
     command = [sys.executable, "-m", "benchmarks.ppo_vs_trl", "--sizes", "tiny", "--response-lengths", "4",
                "--batch-size", "2", "--prompt-length", "8", "--ppo-epochs", "1", "--warmup", "1",
                "--iterations", "2", "--threads", "1", "--tokenizer", str(tiny_model_dir),
-               "--work-dir", str(tmp_path / "work"), "--out", str(out)]
+               "--work-dir", str(tmp_path / "work"), "--out", str(out), "--precision", precision]
     proc = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "ours" in proc.stdout and "trl" in proc.stdout
@@ -52,6 +53,7 @@ def test_tiny_side_by_side_run_writes_sane_results(tmp_path, tiny_model_dir):
     report = json.loads(out.read_text())
     assert report["machine"]["torch"] and report["machine"]["cpu_count"] >= 1
     assert set(report["import_baseline_rss_mib"]) == {"ours", "trl"}
+    assert report["settings"]["precision"] == precision
     (run,) = report["runs"]
     assert run["size"] == "tiny" and run["response_length"] == 4
     for trainer, phases in (("ours", OUR_PHASES), ("trl", TRL_PHASES)):
