@@ -2,6 +2,7 @@
 
     python -m benchmarks.ppo_vs_trl              # default grid: 2 sizes x 2 response lengths
     python -m benchmarks.ppo_vs_trl --quick      # ~1-2 min smoke run
+    python -m benchmarks.ppo_vs_trl --precision bf16   # both in bf16 mixed precision
     python -m benchmarks.ppo_vs_trl --sizes small,medium,smollm2-135m --response-lengths 32,64
 
 For every (model size, response length) both trainers run on the same random Llama-style
@@ -132,6 +133,7 @@ def summarize(result: dict[str, Any], warmup: int, baseline_rss: int, phases: li
         "rss_above_baseline_mib": (result["peak_rss_bytes"] - baseline_rss) / MIB,
         "import_baseline_rss_mib": baseline_rss / MIB,
         "trainable_params": result["trainable_params"],
+        "frozen_dtype": result.get("frozen_dtype"),
         "phase_seconds_median": {name: statistics.median(values) for name, values in breakdown.items()},
     }
 

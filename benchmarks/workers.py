@@ -105,7 +105,8 @@ def run_ours(spec: RunSpec) -> dict[str, Any]:
     setup_start = time.perf_counter()
     module = PPOModule(
         # bf16: our recipe, bf16-mixed with the frozen base stored in bf16 (dtype auto).
-        base=ModelSettings(spec.base, dtype="auto" if bf16 else "float32", lora=LoraSettings(r=spec.lora_r, alpha=spec.lora_alpha)),
+        base=ModelSettings(spec.base, dtype="auto" if bf16 else "float32",
+                           lora=LoraSettings(r=spec.lora_r, alpha=spec.lora_alpha)),
         # Raw RM scores as TRL uses them: no normalisation, clipping or missing-EOS penalty.
         reward=RewardSettings(model=spec.rm, normalize=False, clip=None, missing_eos_penalty=None,
                               share_base=spec.share_reward_base),
@@ -131,6 +132,7 @@ def run_ours(spec: RunSpec) -> dict[str, Any]:
         "iteration_seconds": clock.seconds, "phases": clock.phases, "response_tokens": clock.tokens,
         "import_rss_bytes": import_rss, "setup_and_fit_seconds": time.perf_counter() - setup_start,
         "trainable_params": trainable,
+        "frozen_dtype": str(module.model.get_base_model().get_input_embeddings().weight.dtype),
     }
 
 
@@ -242,7 +244,7 @@ def run_trl(spec: RunSpec) -> dict[str, Any]:
             local_rollout_forward_batch_size=spec.batch_size, response_length=spec.response_length,
             temperature=spec.temperature, stop_token=None, missing_eos_penalty=None, kl_coef=spec.kl_coef,
             kl_estimator="k1", learning_rate=spec.lr, num_sample_generations=0,
-            # bf16: TRL's (the HF Trainer's) mixed precision, float32 weights under bf16 autocast.
+            # bf16: the HF Trainer's autocast; without a GPU it takes bf16 only with use_cpu.
             bf16=check_precision(spec.precision) == "bf16", use_cpu=not torch.cuda.is_available(),
             gradient_checkpointing=False, disable_tqdm=True, logging_steps=1, dataloader_num_workers=0,
         )
@@ -261,6 +263,7 @@ def run_trl(spec: RunSpec) -> dict[str, Any]:
         "response_tokens": [float(spec.batch_size * spec.response_length)] * len(clock.seconds),
         "import_rss_bytes": import_rss, "setup_and_fit_seconds": time.perf_counter() - setup_start,
         "trainable_params": trainable,
+        "frozen_dtype": str(policy.get_input_embeddings().weight.dtype),
     }
 
 

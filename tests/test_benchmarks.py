@@ -65,6 +65,7 @@ def test_tiny_side_by_side_run_writes_sane_results(tmp_path, tiny_model_dir, pre
         assert r["peak_rss_mib"] > r["import_baseline_rss_mib"] * 0.5
         assert set(r["phase_seconds_median"]) == set(phases)
         assert r["phase_seconds_median"]["generation"] > 0
+        assert r["frozen_dtype"] == {"32": "torch.float32", "bf16": "torch.bfloat16"}[precision], trainer
         assert 0 < r["mean_response_tokens"] <= 4
     for key, value in run["ratios_ours_over_trl"].items():
         assert math.isfinite(value) and value > 0, key
