@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.assets import DEFAULT_TOKENIZER, REPO_ROOT, SIZES, build_assets
-from benchmarks.workers import RunSpec
+from benchmarks.workers import PRECISIONS, RunSpec
 
 RESULTS = REPO_ROOT / "benchmarks" / "results" / "ppo_vs_trl.json"
 RESULTS_BF16 = REPO_ROOT / "benchmarks" / "results" / "ppo_vs_trl_bf16.json"
@@ -212,7 +212,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--trainers", default="ours,trl", help="ours, trl or both")
     parser.add_argument("--separate-reward-model", action="store_true",
                         help="ours loads the RM as its own model instead of an adapter on the policy base")
-    parser.add_argument("--precision", choices=("32", "bf16"), default="32",
+    parser.add_argument("--precision", choices=PRECISIONS, default="32",
                         help="32: float32 in both; bf16: bf16 mixed precision in both (ours: bf16-mixed; TRL: "
                              "bf16=True), frozen weights (policy base, reward model) stored in bf16, trained "
                              "weights (adapters, heads, TRL's value model) in float32")

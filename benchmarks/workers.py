@@ -25,6 +25,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 
 
+PRECISIONS = ("32", "bf16")
+
+
 @dataclass
 class RunSpec:
     """One trainer's run: assets, batch shape and PPO settings (matched across trainers)."""
@@ -48,18 +51,15 @@ class RunSpec:
     share_reward_base: bool = True
     precision: str = "32"  # "32": float32 throughout; "bf16": bf16 autocast, frozen weights in bf16
 
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+
 
 def peak_rss_bytes() -> int:
     """This process's peak resident set size so far (Linux reports ``ru_maxrss`` in KiB)."""
     scale = 1 if sys.platform == "darwin" else 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
-
-
-def check_precision(precision: str) -> str:
-    """``precision`` if it is ``"32"`` or ``"bf16"``; else a ``ValueError``."""
-    if precision not in ("32", "bf16"):
-        raise ValueError(f"precision must be '32' or 'bf16', got {precision!r}")
-    return precision
 
 
 def load_prompts(path: str) -> list[list[int]]:
@@ -100,7 +100,7 @@ def run_ours(spec: RunSpec) -> dict[str, Any]:
             length = float(trainer.callback_metrics["response/length"])
             self.tokens.append(length * spec.batch_size)
 
-    bf16 = check_precision(spec.precision) == "bf16"
+    bf16 = spec.precision == "bf16"
     torch.manual_seed(spec.seed)
     setup_start = time.perf_counter()
     module = PPOModule(
@@ -231,7 +231,8 @@ def run_trl(spec: RunSpec) -> dict[str, Any]:
     tokenizer.padding_side = "left"
     # bf16: the frozen weights (the policy's base under LoRA, the reward model) in bf16 as ours;
     # the fully trained value model keeps float32 weights (AdamW on bf16 weights loses updates).
-    frozen = torch.bfloat16 if check_precision(spec.precision) == "bf16" else torch.float32
+    bf16 = spec.precision == "bf16"
+    frozen = torch.bfloat16 if bf16 else torch.float32
     policy = AutoModelForCausalLM.from_pretrained(spec.base, dtype=frozen, local_files_only=True)
     reward_model = _sequence_classifier(spec.rm, tokenizer.pad_token_id, frozen)
     value_model = _sequence_classifier(spec.rm, tokenizer.pad_token_id)  # critic initialised from the RM
@@ -245,7 +246,7 @@ def run_trl(spec: RunSpec) -> dict[str, Any]:
             temperature=spec.temperature, stop_token=None, missing_eos_penalty=None, kl_coef=spec.kl_coef,
             kl_estimator="k1", learning_rate=spec.lr, num_sample_generations=0,
             # bf16: the HF Trainer's autocast; without a GPU it takes bf16 only with use_cpu.
-            bf16=check_precision(spec.precision) == "bf16", use_cpu=not torch.cuda.is_available(),
+            bf16=bf16, use_cpu=not torch.cuda.is_available(),
             gradient_checkpointing=False, disable_tqdm=True, logging_steps=1, dataloader_num_workers=0,
         )
         trainer = PPOTrainer(
