@@ -108,6 +108,34 @@ def test_gradient_checkpointing_with_lora(tiny_model_dir: Path) -> None:
     assert lora_grads and all(g is not None and torch.isfinite(g).all() for g in lora_grads)
 
 
+def test_train_top_layers_freezes_embeddings_and_lower_blocks(tiny_model_dir: Path) -> None:
+    model = load_causal_lm(ModelSettings(str(tiny_model_dir), train_top_layers=1))
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trained and all(n.startswith("model.layers.1.") or n == "model.norm.weight" for n in trained)
+    assert "model.norm.weight" in trained
+    assert not model.get_input_embeddings().weight.requires_grad  # the tied LM head too
+    ids = torch.randint(0, 400, (2, 12))
+    model.train()
+    model(ids, labels=ids).loss.backward()
+    for name, p in model.named_parameters():
+        assert (p.grad is not None) == (name in trained), name
+    everything = load_causal_lm(ModelSettings(str(tiny_model_dir), train_top_layers=2))
+    frozen = [n for n, p in everything.named_parameters() if not p.requires_grad]
+    assert frozen == ["model.embed_tokens.weight"]
+
+
+@pytest.mark.parametrize("kwargs", [{"train_top_layers": 0}, {"train_top_layers": 1, "lora": LoraSettings()},
+                                    {"train_top_layers": 1, "quantization": "4bit"}])
+def test_train_top_layers_rejects_bad_settings(kwargs: dict) -> None:
+    with pytest.raises(ValueError, match="train_top_layers"):
+        ModelSettings("unused", **kwargs)
+
+
+def test_train_top_layers_beyond_the_model(tiny_model_dir: Path) -> None:
+    with pytest.raises(ValueError, match=r"train_top_layers must be in 1\.\.2"):
+        load_causal_lm(ModelSettings(str(tiny_model_dir), train_top_layers=3))
+
+
 # ---------------------------------------------------------------- LoRA
 
 

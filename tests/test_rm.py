@@ -269,6 +269,26 @@ def test_reward_module_learns_separable_preference(trained_rm):
     assert info["score_std"] > 0 and info["data"]["max_length"] == 48
 
 
+def test_reward_module_training_only_the_top_block(tmp_path, tiny_model_dir):
+    path = _write_jsonl(tmp_path / "prefs.jsonl", _synthetic_rows())
+    data = _data(path, tiny_model_dir)
+    torch.manual_seed(0)
+    module = RewardModule(ModelSettings(str(tiny_model_dir), dtype="float32", train_top_layers=1), lr=3e-3)
+    module.configure_model()
+    trained = {n for n, p in module.model.named_parameters() if p.requires_grad}
+    assert "score_head.weight" in trained and "backbone.model.norm.weight" in trained
+    assert all(n.startswith(("score_head.", "backbone.model.layers.1.", "backbone.model.norm.")) for n in trained)
+    frozen = {n: p.detach().clone() for n, p in module.model.named_parameters() if not p.requires_grad}
+    trainer = L.Trainer(max_steps=30, num_sanity_val_steps=0, val_check_interval=30, check_val_every_n_epoch=None,
+                        accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(module, datamodule=data)
+    assert float(trainer.callback_metrics["val/accuracy"]) == 1.0
+    for name, p in module.model.named_parameters():
+        if name in frozen:
+            assert torch.equal(p, frozen[name]), name
+
+
 def test_saved_reward_model_gives_identical_scores(trained_rm):
     module, data, _, out, _ = trained_rm
     batch = next(iter(data.val_dataloader()))

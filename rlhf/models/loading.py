@@ -85,6 +85,9 @@ class ModelSettings:
     ``dtype="auto"`` is bf16 on a CUDA device with bf16 support, else float32; a frozen base
     (LoRA or quantized) loaded for a bf16 run is bf16 on any device (see :func:`resolve_dtype`).
     ``quantization`` loads the linear layers with bitsandbytes (nf4 + double quant for 4bit).
+    ``train_top_layers`` (full fine-tuning only, no ``lora``) trains just the top N decoder
+    blocks and what follows them (see :func:`freeze_lower_layers`): backward stops at the
+    lowest trained block, so a step costs less than with LoRA on every layer.
     """
 
     name_or_path: str
@@ -94,9 +97,18 @@ class ModelSettings:
     gradient_checkpointing: bool = False
     revision: str | None = None
     trust_remote_code: bool = False
+    train_top_layers: int | None = None
 
     def __post_init__(self) -> None:
         self.name_or_path = os.fspath(self.name_or_path)  # a Path would not be checkpoint-safe
+        if self.train_top_layers is not None:
+            if self.train_top_layers < 1:
+                raise ValueError(f"train_top_layers must be >= 1 or None, got {self.train_top_layers}")
+            if self.lora is not None or self.quantization is not None:
+                raise ValueError(
+                    "train_top_layers is for full fine-tuning: it cannot be combined with lora or "
+                    "quantization (which freeze the whole base)"
+                )
 
 
 def resolve_dtype(name: str, precision: str | None = None) -> torch.dtype:
@@ -304,6 +316,8 @@ def load_causal_lm(settings: ModelSettings, precision: str | None = None) -> Pre
         kwargs["quantization_config"] = bnb_config(settings.quantization, dtype)
         kwargs["device_map"] = _accelerator_device_map()
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if settings.train_top_layers is not None:
+        freeze_lower_layers(model, settings.train_top_layers)
     if settings.gradient_checkpointing:
         enable_gradient_checkpointing(model, input_grads=settings.lora is not None)
     log.info(
@@ -314,6 +328,40 @@ def load_causal_lm(settings: ModelSettings, precision: str | None = None) -> Pre
         f", {settings.quantization}" if settings.quantization else "",
     )
     return model
+
+
+def decoder_blocks(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The transformer's stack of decoder blocks: the ``nn.ModuleList`` with one entry per
+    layer of the config (``model.model.layers`` for Llama, ``transformer.h`` for GPT-2)."""
+    config = model.config
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    layers = getattr(text, "num_hidden_layers", None)
+    for module in model.modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == layers:
+            return module
+    raise ValueError(f"cannot find the {layers} decoder blocks of {type(model).__name__}")
+
+
+def freeze_lower_layers(model: torch.nn.Module, top_layers: int) -> int:
+    """Train only the top ``top_layers`` decoder blocks and every parameter registered after
+    them (final norm, an untied LM head); freeze the rest (embeddings, lower blocks).
+
+    Parameters are frozen in registration order up to the first parameter of the lowest
+    trained block, so input-side parameters outside the block stack (GPT-2's position
+    embeddings) stay frozen too and backward never runs below that block. A LM head tied to
+    the input embeddings is that frozen matrix. Returns the number of trainable parameters.
+    """
+    blocks = decoder_blocks(model)
+    if not 1 <= top_layers <= len(blocks):
+        raise ValueError(f"train_top_layers must be in 1..{len(blocks)} for this model, got {top_layers}")
+    first_trained = {id(p) for p in blocks[len(blocks) - top_layers].parameters()}
+    trainable, count = False, 0
+    for parameter in model.parameters():  # registration order, shared tensors once
+        trainable = trainable or id(parameter) in first_trained
+        parameter.requires_grad_(trainable)
+        count += parameter.numel() if trainable else 0
+    log.info("Training the top %d of %d decoder blocks: %.1fM trainable params", top_layers, len(blocks), count / 1e6)
+    return count
 
 
 def _linear_module_names(model: torch.nn.Module) -> list[str]:

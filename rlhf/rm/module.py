@@ -39,7 +39,8 @@ class RewardModule(StageModule):
 
     Args:
         base: the SFT model to start from; with ``base.lora`` only LoRA and the score head
-            train, without it the whole backbone trains.
+            train, without it the whole backbone trains (or, with ``base.train_top_layers``,
+            its top blocks).
         margin_loss: subtract each pair's ``margin`` inside the sigmoid (Llama 2).
         center_coef: weight of the reward-centering term ``mean(r**2)`` (0 disables it).
         stats_max_rows: training sequences used for the saved score mean/std (``None``: all).
