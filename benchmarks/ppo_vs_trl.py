@@ -3,6 +3,7 @@
     python -m benchmarks.ppo_vs_trl              # default grid: 2 sizes x 2 response lengths
     python -m benchmarks.ppo_vs_trl --quick      # ~1-2 min smoke run
     python -m benchmarks.ppo_vs_trl --precision bf16   # both in bf16 mixed precision
+    python -m benchmarks.ppo_vs_trl --malloc-mmap-threshold 4194304   # both with a fixed glibc mmap threshold
     python -m benchmarks.ppo_vs_trl --sizes small,medium,smollm2-135m --response-lengths 32,64
 
 For every (model size, response length) both trainers run on the same random Llama-style
@@ -17,6 +18,13 @@ Reported per run: seconds per PPO iteration (median over the iterations after
 RSS above the import-only baseline, the ratios ours/TRL, and the phase breakdown of both.
 Results go to ``benchmarks/results/ppo_vs_trl.json`` (with machine info and the load
 average before and after: numbers taken on a busy machine are not comparable).
+
+``--malloc-mmap-threshold BYTES`` sets glibc's ``MALLOC_MMAP_THRESHOLD_`` in every worker
+(both trainers and both import baselines): allocations of at least that size are mmapped and
+go back to the OS when freed. By default glibc raises the threshold each time a large block is
+freed (up to 32 MiB), after which tensors below it come from the heap, whose freed holes count
+in RSS until reused. The setting shows how much of each trainer's peak is such retained memory;
+it changes nothing off glibc (macOS, musl).
 """
 
 from __future__ import annotations
@@ -39,6 +47,7 @@ from benchmarks.workers import PRECISIONS, RunSpec
 
 RESULTS = REPO_ROOT / "benchmarks" / "results" / "ppo_vs_trl.json"
 RESULTS_BF16 = REPO_ROOT / "benchmarks" / "results" / "ppo_vs_trl_bf16.json"
+MAX_MMAP_THRESHOLD = 32 * 2**20  # glibc ignores larger values on 64-bit systems
 MIB = 2**20
 # Phases of our iteration in the order they run; "rollout_other" and "other" are remainders.
 OUR_PHASES = ["generation", "policy_value", "reference", "reward", "rollout_other", "update", "other"]
@@ -78,6 +87,7 @@ def machine_info() -> dict[str, Any]:
         "peft": peft.__version__,
         "trl": trl_version,
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        "libc": " ".join(platform.libc_ver()).strip() or None,
     }
     return info
 
@@ -90,12 +100,24 @@ def load_average() -> list[float] | None:
         return None
 
 
-def run_worker(spec: RunSpec, work_dir: Path, name: str, timeout: float | None = None) -> dict[str, Any]:
-    """Run one :mod:`benchmarks.workers` subprocess and return its result (its log on failure)."""
+def allocator_env(mmap_threshold: int | None) -> dict[str, str]:
+    """Worker environment for ``--malloc-mmap-threshold`` (empty: glibc's default, dynamic)."""
+    if mmap_threshold is None:
+        return {}
+    if not 0 < mmap_threshold <= MAX_MMAP_THRESHOLD:
+        raise ValueError(f"--malloc-mmap-threshold must be in 1..{MAX_MMAP_THRESHOLD} bytes, got {mmap_threshold}")
+    return {"MALLOC_MMAP_THRESHOLD_": str(mmap_threshold)}
+
+
+def run_worker(spec: RunSpec, work_dir: Path, name: str, timeout: float | None = None,
+               extra_env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run one :mod:`benchmarks.workers` subprocess (``extra_env`` added to its environment)
+    and return its result (its log on failure)."""
     spec_file, result_file, log_file = (work_dir / f"{name}.{ext}" for ext in ("spec.json", "result.json", "log"))
     spec_file.write_text(json.dumps(asdict(spec)))
     result_file.unlink(missing_ok=True)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+    env = {**os.environ, **(extra_env or {}),
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
     with open(log_file, "w") as log:
         proc = subprocess.run([sys.executable, "-m", "benchmarks.workers", str(spec_file), str(result_file)],
                               cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=timeout)
@@ -134,6 +156,7 @@ def summarize(result: dict[str, Any], warmup: int, baseline_rss: int, phases: li
         "import_baseline_rss_mib": baseline_rss / MIB,
         "trainable_params": result["trainable_params"],
         "frozen_dtype": result.get("frozen_dtype"),
+        "malloc_mmap_threshold_env": result.get("malloc_mmap_threshold_env"),
         "phase_seconds_median": {name: statistics.median(values) for name, values in breakdown.items()},
     }
 
@@ -217,16 +240,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "bf16=True), frozen weights (policy base, reward model) stored in bf16, trained "
                              "weights (adapters, heads, TRL's value model) in float32")
     parser.add_argument("--threads", type=int, default=None, help="torch threads per worker (default: torch's)")
+    parser.add_argument("--malloc-mmap-threshold", type=int, default=None, metavar="BYTES",
+                        help="set glibc's MALLOC_MMAP_THRESHOLD_ in every worker, both trainers alike (default: "
+                             "glibc's dynamic threshold); results go to a file named after it")
     parser.add_argument("--tokenizer", default=str(DEFAULT_TOKENIZER), help="tokenizer directory for both")
     parser.add_argument("--work-dir", default=None, help="assets and worker logs (default: a temp dir)")
     parser.add_argument("--out", default=None,
                         help=f"result JSON (default: {RESULTS.relative_to(REPO_ROOT)}; "
-                             f"with --precision bf16, {RESULTS_BF16.relative_to(REPO_ROOT)})")
+                             f"with --precision bf16, {RESULTS_BF16.relative_to(REPO_ROOT)}; "
+                             "with --malloc-mmap-threshold N, _mmapN before .json)")
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: size small, 16 new tokens, batch 4, 2 epochs, 2 timed iterations")
     args = parser.parse_args(argv)
+    try:
+        allocator_env(args.malloc_mmap_threshold)
+    except ValueError as error:
+        parser.error(str(error))
     if args.out is None:
-        args.out = str(RESULTS_BF16 if args.precision == "bf16" else RESULTS)
+        default = RESULTS_BF16 if args.precision == "bf16" else RESULTS
+        if args.malloc_mmap_threshold is not None:
+            default = default.with_name(f"{default.stem}_mmap{args.malloc_mmap_threshold}.json")
+        args.out = str(default)
     if args.quick:
         args.sizes, args.response_lengths, args.batch_size = "small", "16", 4
         args.prompt_length, args.ppo_epochs, args.iterations = 32, 2, 2
@@ -248,8 +282,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     common = dict(batch_size=args.batch_size, ppo_epochs=args.ppo_epochs, warmup=args.warmup,
                   iterations=args.iterations, lora_r=args.lora_r, lora_alpha=2 * args.lora_r,
                   threads=args.threads, share_reward_base=not args.separate_reward_model, precision=args.precision)
+    extra_env = allocator_env(args.malloc_mmap_threshold)
     try:
-        baselines = {t: run_worker(RunSpec(trainer=f"baseline-{t}", threads=args.threads), work, f"baseline-{t}")
+        baselines = {t: run_worker(RunSpec(trainer=f"baseline-{t}", threads=args.threads), work, f"baseline-{t}",
+                                   extra_env=extra_env)
                      ["import_rss_bytes"] for t in trainers}
         rows = []
         for size in sizes:
@@ -262,7 +298,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     spec = RunSpec(trainer=trainer, base=assets["base"], rm=assets["rm"], prompts=assets["prompts"],
                                    response_length=length, **common)
                     print(f"[bench] {size} resp {length}: {trainer} ...", flush=True)
-                    result = run_worker(spec, work, f"{size}-{length}-{trainer}")
+                    result = run_worker(spec, work, f"{size}-{length}-{trainer}", extra_env=extra_env)
                     phases = OUR_PHASES if trainer == "ours" else TRL_PHASES
                     row[trainer] = summarize(result, args.warmup, baselines[trainer], phases)
                 if "ours" in row and "trl" in row:
@@ -281,7 +317,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "benchmark": "ppo_vs_trl",
         "command": "python -m benchmarks.ppo_vs_trl " + " ".join(sys.argv[1:]),
         "settings": {**common, "prompt_length": args.prompt_length, "temperature": 0.7, "kl_coef": 0.05,
-                     "minibatch": "= batch", "tokenizer": str(args.tokenizer)},
+                     "minibatch": "= batch", "tokenizer": str(args.tokenizer),
+                     "malloc_mmap_threshold": args.malloc_mmap_threshold, "worker_env": extra_env},
         "machine": machine_info(),
         "load_average_before": load_before,
         "load_average_after": load_average(),

@@ -294,7 +294,8 @@ def main(argv: list[str]) -> None:
         torch.set_num_threads(spec.threads)
     runner = {"ours": run_ours, "trl": run_trl}.get(spec.trainer, run_baseline)
     result = runner(spec)
-    result.update(trainer=spec.trainer, spec=asdict(spec), peak_rss_bytes=peak_rss_bytes())
+    result.update(trainer=spec.trainer, spec=asdict(spec), peak_rss_bytes=peak_rss_bytes(),
+                  malloc_mmap_threshold_env=os.environ.get("MALLOC_MMAP_THRESHOLD_"))
     Path(argv[1]).write_text(json.dumps(result, indent=2))
 
 

@@ -9,7 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.ppo_vs_trl import OUR_PHASES, TRL_PHASES, summarize
+from benchmarks.ppo_vs_trl import (
+    OUR_PHASES,
+    RESULTS,
+    TRL_PHASES,
+    parse_args,
+    run_worker,
+    summarize,
+)
+from benchmarks.workers import RunSpec
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,6 +42,22 @@ def test_summary_takes_medians_after_warmup_and_fills_the_remainders():
     assert s["mean_response_tokens"] == pytest.approx(25 / 3 / 2)
     assert s["phase_seconds_median"]["rollout_other"] == pytest.approx(0.2)
     assert s["phase_seconds_median"]["other"] == pytest.approx(0.1)
+
+
+def test_malloc_mmap_threshold_names_the_results_and_reaches_the_workers(tmp_path):
+    args = parse_args(["--malloc-mmap-threshold", "4194304"])
+    assert Path(args.out) == RESULTS.with_name("ppo_vs_trl_mmap4194304.json")
+    assert Path(parse_args(["--precision", "bf16", "--malloc-mmap-threshold", "262144"]).out).name == (
+        "ppo_vs_trl_bf16_mmap262144.json")
+    assert Path(parse_args([]).out) == RESULTS
+    for bad in ("0", str(64 * 2**20)):
+        with pytest.raises(SystemExit):
+            parse_args(["--malloc-mmap-threshold", bad])
+    # The import-only worker is the cheapest one that reports what it saw.
+    seen = run_worker(RunSpec(trainer="baseline-ours"), tmp_path, "baseline",
+                      extra_env={"MALLOC_MMAP_THRESHOLD_": "4194304"})
+    assert seen["malloc_mmap_threshold_env"] == "4194304"
+    assert run_worker(RunSpec(trainer="baseline-ours"), tmp_path, "default")["malloc_mmap_threshold_env"] is None
 
 
 @pytest.mark.slow
