@@ -59,7 +59,9 @@ def tiny_sweep(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -
     root = tmp_path_factory.mktemp("tiny-sweep")
     spec = write_tiny_rm_sweep(root, tiny_model_dir)
     out = root / "sweep"
-    trials = run_sweep(spec, count=2, out_dir=out, cwd=root, timeout=300)
+    with pytest.MonkeyPatch.context() as env:  # the trials' offline W&B runs are checked
+        env.setenv("WANDB_MODE", "offline")
+        trials = run_sweep(spec, count=2, out_dir=out, cwd=root, timeout=300)
     return {"spec": spec, "out": out, "trials": trials}
 
 
