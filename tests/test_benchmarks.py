@@ -44,7 +44,8 @@ def test_summary_takes_medians_after_warmup_and_fills_the_remainders():
     assert s["phase_seconds_median"]["other"] == pytest.approx(0.1)
 
 
-def test_malloc_mmap_threshold_names_the_results_and_reaches_the_workers(tmp_path):
+def test_malloc_mmap_threshold_names_the_results_and_reaches_the_workers(tmp_path, monkeypatch):
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
     args = parse_args(["--malloc-mmap-threshold", "4194304"])
     assert Path(args.out) == RESULTS.with_name("ppo_vs_trl_mmap4194304.json")
     assert Path(parse_args(["--precision", "bf16", "--malloc-mmap-threshold", "262144"]).out).name == (
