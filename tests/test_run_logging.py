@@ -61,7 +61,7 @@ def test_wandb_logger_passes_the_mode_to_wandb_init_and_leaves_the_env_alone(mon
 
 
 def test_shipped_configs_use_the_offline_by_default_logger_and_a_csv_logger():
-    for path in [*ROOT.glob("configs/quickstart/*.yaml"), ROOT / "configs" / "rm_full.yaml"]:
+    for path in [*ROOT.glob("configs/quickstart/*.yaml"), *ROOT.glob("configs/rm_full*.yaml")]:
         loggers = yaml.safe_load(path.read_text())["trainer"]["logger"]
         classes = [entry["class_path"] for entry in loggers]
         assert classes == ["rlhf.tracking.WandbLogger", "lightning.pytorch.loggers.CSVLogger"], path
