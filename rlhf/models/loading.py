@@ -330,18 +330,6 @@ def load_causal_lm(settings: ModelSettings, precision: str | None = None) -> Pre
     return model
 
 
-def decoder_blocks(model: torch.nn.Module) -> torch.nn.ModuleList:
-    """The transformer's stack of decoder blocks: the ``nn.ModuleList`` with one entry per
-    layer of the config (``model.model.layers`` for Llama, ``transformer.h`` for GPT-2)."""
-    config = model.config
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    layers = getattr(text, "num_hidden_layers", None)
-    for module in model.modules():
-        if isinstance(module, torch.nn.ModuleList) and len(module) == layers:
-            return module
-    raise ValueError(f"cannot find the {layers} decoder blocks of {type(model).__name__}")
-
-
 def freeze_lower_layers(model: torch.nn.Module, top_layers: int) -> int:
     """Train only the top ``top_layers`` decoder blocks and every parameter registered after
     them (final norm, an untied LM head); freeze the rest (embeddings, lower blocks).
@@ -351,7 +339,10 @@ def freeze_lower_layers(model: torch.nn.Module, top_layers: int) -> int:
     embeddings) stay frozen too and backward never runs below that block. A LM head tied to
     the input embeddings is that frozen matrix. Returns the number of trainable parameters.
     """
-    blocks = decoder_blocks(model)
+    # Imported here: rlhf.distributed imports Lightning, which plain loading does not need.
+    from rlhf.distributed import decoder_layers
+
+    blocks = decoder_layers(model)
     if not 1 <= top_layers <= len(blocks):
         raise ValueError(f"train_top_layers must be in 1..{len(blocks)} for this model, got {top_layers}")
     first_trained = {id(p) for p in blocks[len(blocks) - top_layers].parameters()}
