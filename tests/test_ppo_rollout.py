@@ -1,0 +1,54 @@
+"""``response_logprobs``: the chunked LM head (temperature folded into its input when it has no
+bias) gives the log-probs, entropies and gradients of the plain full-logits computation."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rlhf.models.forward import trunk_hidden
+from rlhf.models.loading import ModelSettings, load_causal_lm
+from rlhf.ppo import rollout
+from rlhf.ppo.rollout import response_logprobs
+
+
+@pytest.mark.parametrize("chunk_positions", [1, 5, 12, 1000])  # 1, 1, 3 (and a remainder of 2), 5 rows a call
+@pytest.mark.parametrize("head_bias", [False, True])
+def test_response_logprobs_match_the_full_logits(monkeypatch, tiny_policy_dir, chunk_positions, head_bias):
+    monkeypatch.setattr(rollout, "HEAD_CHUNK_POSITIONS", chunk_positions)
+    torch.manual_seed(0)
+    model = load_causal_lm(ModelSettings(str(tiny_policy_dir)))
+    if head_bias:  # not linear: the temperature must divide the logits, not the head's input
+        tied = model.get_output_embeddings().weight
+        head = nn.Linear(tied.shape[1], tied.shape[0], bias=True)
+        with torch.no_grad():
+            head.weight.copy_(tied)
+            head.bias.normal_(std=2.0)
+        model.set_output_embeddings(head)
+    ids = torch.randint(3, 200, (5, 10))
+    mask = torch.ones_like(ids)
+    start, temperature = 6, 0.7
+    with torch.no_grad():
+        features = trunk_hidden(model, ids, mask)
+    hidden = features.clone().requires_grad_()
+    logp, entropy = response_logprobs(model, hidden, start, ids[:, start:], temperature,
+                                      entropy=True, entropy_grad=True)
+    (logp.sum() - 0.1 * entropy.sum()).backward()
+
+    plain = features.clone().requires_grad_()
+    full = F.log_softmax(model.get_output_embeddings()(plain[:, start - 1 : -1]) / temperature, dim=-1)
+    expected_logp = full.gather(-1, ids[:, start:].unsqueeze(-1)).squeeze(-1)
+    expected_entropy = -(full.exp() * full).sum(-1)
+    (expected_logp.sum() - 0.1 * expected_entropy.sum()).backward()
+
+    torch.testing.assert_close(logp, expected_logp, rtol=0, atol=2e-5)
+    torch.testing.assert_close(entropy, expected_entropy, rtol=0, atol=2e-5)
+    torch.testing.assert_close(hidden.grad, plain.grad, rtol=0, atol=2e-5)
+
+
+def test_response_logprobs_reject_a_non_positive_temperature(tiny_policy_dir):
+    model = load_causal_lm(ModelSettings(str(tiny_policy_dir)))
+    ids = torch.randint(3, 200, (2, 6))
+    hidden = trunk_hidden(model, ids, torch.ones_like(ids))
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        response_logprobs(model, hidden, 3, ids[:, 3:], 0.0)
