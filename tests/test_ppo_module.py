@@ -142,6 +142,32 @@ def test_best_of_n_returns_the_best_scored_sample(tmp_path, tiny_policy_dir):
     assert best.mean() > single.mean()
 
 
+def test_logged_entropy_is_the_rollout_policys_and_the_bonus_enters_the_loss(tmp_path, tiny_policy_dir):
+    torch.manual_seed(0)
+    module = make_module(tiny_policy_dir, sampling=SamplingSettings(max_new_tokens=8, temperature=0.7))
+    module.configure_model()
+    data = prompts(tmp_path)
+    data.tokenizer_name = str(tiny_policy_dir)
+    data.setup("fit")
+    rollout = module.make_rollout(next(iter(data.train_dataloader())))
+    ids, mask, start = rollout.input_ids, rollout.attention_mask, rollout.response_start
+    with torch.no_grad():
+        logits = module.model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)).logits
+    logp = torch.log_softmax(logits[:, start - 1 : -1] / 0.7, dim=-1)
+    expected = -(logp.exp() * logp).sum(-1)
+    on = rollout.response_mask.bool()
+    torch.testing.assert_close(rollout.entropy[on], expected[on], rtol=0, atol=1e-5)
+    logged = module.rollout_metrics(rollout)["policy/entropy"]
+    assert logged == pytest.approx(float(expected[on].mean()), abs=1e-5)
+
+    module.model.eval()  # no adapter dropout: the two losses see the same policy
+    without, _ = module.minibatch_loss(rollout)
+    module.update_settings.entropy_coef = 0.1
+    with_bonus, _ = module.minibatch_loss(rollout)
+    current = float(expected[on].mean())  # the policy has not moved since the rollout
+    assert float(without - with_bonus) == pytest.approx(0.1 * current, abs=1e-5)
+
+
 def test_kl_controller_state_and_iteration_travel_in_checkpoints(tmp_path, tiny_policy_dir):
     module = make_module(tiny_policy_dir, kl=KLSettings(coef=0.1, adaptive=True, target=1.0), iterations=3)
     fit(module, prompts(tmp_path), tmp_path)

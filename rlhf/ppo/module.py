@@ -328,7 +328,9 @@ class PPOModule(StageModule):
         )
         start = prompt_ids.shape[1]
         with phase("policy_value"):
-            logprobs, values, _ = self.policy_forward(input_ids, attention_mask, start, entropy=False)
+            # The logged entropy comes from this pass (once an iteration, no grad), not from the
+            # update's: at the default entropy_coef 0 the update then makes no [R, vocab] exp.
+            logprobs, values, entropy = self.policy_forward(input_ids, attention_mask, start, entropy=True)
         with phase("reference"):
             ref_logprobs = self.reference_logprobs(input_ids, attention_mask, start)
         with phase("reward"):
@@ -357,7 +359,7 @@ class PPOModule(StageModule):
             input_ids=input_ids, attention_mask=attention_mask, response_start=start,
             response_mask=response_mask, logprobs=logprobs, ref_logprobs=ref_logprobs,
             values=values, raw_scores=raw_scores, scores=scores, kl=kl, rewards=rewards,
-            advantages=advantages, returns=returns, has_eos=has_eos,
+            advantages=advantages, returns=returns, has_eos=has_eos, entropy=entropy,
         )
 
     @torch.no_grad()
@@ -388,15 +390,17 @@ class PPOModule(StageModule):
     def minibatch_loss(self, mb: Rollout) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Clipped policy loss + ``vf_coef`` * clipped value loss - ``entropy_coef`` * entropy."""
         u = self.update_settings
-        # The entropy is logged at the default ``entropy_coef: 0`` and then kept out of the
-        # autograd graph (no [R, V] saved per row for backward).
+        # The entropy is computed here only for an entropy bonus (the logged one is the
+        # rollout's): at the default ``entropy_coef: 0`` no [R, vocab] exp is made per minibatch.
+        bonus = u.entropy_coef != 0
         logp, values, entropy_per_token = self.policy_forward(
-            mb.input_ids, mb.attention_mask, mb.response_start, entropy_grad=u.entropy_coef != 0
+            mb.input_ids, mb.attention_mask, mb.response_start, entropy=bonus, entropy_grad=bonus
         )
         pg_loss, stats = policy_loss(logp, mb.logprobs, mb.advantages, mb.response_mask, u.clip_range)
-        entropy = masked_mean(entropy_per_token, mb.response_mask)
-        loss = pg_loss if u.entropy_coef == 0 else pg_loss - u.entropy_coef * entropy
-        stats = {**stats, "policy_loss": pg_loss.detach(), "entropy": entropy.detach()}
+        loss = pg_loss
+        if bonus:
+            loss = pg_loss - u.entropy_coef * masked_mean(entropy_per_token, mb.response_mask)
+        stats = {**stats, "policy_loss": pg_loss.detach()}
         if values is not None:
             vf_loss, vstats = value_loss(values, mb.values, mb.returns, mb.response_mask, u.value_clip_range)
             loss = loss + u.vf_coef * vf_loss
@@ -503,6 +507,8 @@ class PPOModule(StageModule):
             f"{prefix}kl/mean": float(kl_per_seq.mean()),
             f"{prefix}response/length": float(r.response_mask.sum(dim=1).float().mean()),
             f"{prefix}response/eos_frac": float(r.has_eos.float().mean()),
+            # The rollout policy's mean per-token entropy (temperature-scaled, before top-k/top-p).
+            f"{prefix}policy/entropy": float(masked_mean(r.entropy, r.response_mask)),
         }
         if self.gold is not None:
             from rlhf.gold import gold_function
@@ -526,7 +532,6 @@ class PPOModule(StageModule):
         metrics.update(
             {
                 "kl/coef": self.kl_controller.value,
-                "policy/entropy": stats.get("entropy", nan),
                 "policy/ratio": stats.get("ratio_mean", nan),
                 "policy/ratio_max": stats.get("ratio_max", nan),
                 "policy/clipfrac": stats.get("clipfrac", nan),

@@ -172,6 +172,8 @@ class Rollout:
         kl: ``[B, R]`` per-token KL estimate; rewards: ``[B, R]`` per-token rewards.
         advantages, returns: ``[B, R]``.
         has_eos: ``[B]`` whether the response ended with EOS.
+        entropy: ``[B, R]`` per-token entropy of the rollout policy (temperature-scaled, before
+            any top-k / top-p truncation).
     """
 
     input_ids: torch.Tensor
@@ -188,6 +190,7 @@ class Rollout:
     advantages: torch.Tensor
     returns: torch.Tensor
     has_eos: torch.Tensor
+    entropy: torch.Tensor
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
