@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import time
@@ -94,6 +95,39 @@ def test_bf16_run_loads_only_a_frozen_base_in_bf16(tiny_model_dir: Path, monkeyp
     assert load_causal_lm(frozen).dtype is torch.float32
     # Fully fine-tuned weights stay float32 (AdamW updates would vanish in bf16).
     assert load_causal_lm(ModelSettings(str(tiny_model_dir)), "bf16-mixed").dtype is torch.float32
+
+
+def test_adapter_inputs_left_to_autocast_same_outputs_and_gradients(tiny_model_dir: Path) -> None:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from rlhf.models.forward import adapter_inputs_left_to_autocast
+
+    torch.manual_seed(0)
+    model = apply_lora(load_causal_lm(ModelSettings(str(tiny_model_dir), dtype="bfloat16")), LoraSettings(dropout=0.0))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.5)  # the adapter changes the outputs
+    assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
+    ids = torch.randint(3, 200, (2, 9))
+
+    def outputs_and_grads(left_to_autocast: bool) -> list[torch.Tensor]:
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            with adapter_inputs_left_to_autocast(model, "cpu") if left_to_autocast else contextlib.nullcontext():
+                flags = {m.cast_input_dtype_enabled for m in model.modules() if isinstance(m, BaseTunerLayer)}
+                assert flags == ({False} if left_to_autocast else {True})
+                logits = model(input_ids=ids).logits
+        logits.float().square().mean().backward()
+        return [logits.detach()] + [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+    peft_casting, autocast_only = outputs_and_grads(False), outputs_and_grads(True)
+    for a, b in zip(peft_casting, autocast_only):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert all(m.cast_input_dtype_enabled for m in model.modules() if isinstance(m, BaseTunerLayer))
+    # Without autocast peft's cast is what lets a bf16 input meet the float32 adapter: kept.
+    with adapter_inputs_left_to_autocast(model, "cpu"):
+        assert all(m.cast_input_dtype_enabled for m in model.modules() if isinstance(m, BaseTunerLayer))
+        model(input_ids=ids)
 
 
 def test_gradient_checkpointing_with_lora(tiny_model_dir: Path) -> None:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 from torch import nn
 
@@ -51,3 +54,23 @@ def trunk_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torc
         position_ids=position_ids_from_mask(attention_mask),
         use_cache=False,
     ).last_hidden_state
+
+
+@contextmanager
+def adapter_inputs_left_to_autocast(model: nn.Module, device_type: str) -> Iterator[None]:
+    """Under autocast on ``device_type``, stop peft casting each adapter layer's input to the
+    adapter's dtype while the block runs; without autocast, do nothing.
+
+    With a bf16 base and float32 LoRA weights, peft copies every adapter layer's bf16 input to
+    float32, and autocast then copies it back to bf16 for the adapter's matmul: a lossless round
+    trip that costs two copies of ``[tokens, features]`` per adapter layer (and their backward).
+    Autocast alone casts the matmul's operands the same way. Without autocast the cast is
+    needed (a bf16 input cannot meet a float32 weight), so it is left on.
+    """
+    if not torch.is_autocast_enabled(device_type):
+        yield
+        return
+    from peft.helpers import disable_input_dtype_casting
+
+    with disable_input_dtype_casting(model):
+        yield

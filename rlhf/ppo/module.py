@@ -32,7 +32,7 @@ from torch import nn
 
 from rlhf.data.records import conversation_text
 from rlhf.distributed import shard_model
-from rlhf.models.forward import disable_dropout
+from rlhf.models.forward import adapter_inputs_left_to_autocast, disable_dropout
 from rlhf.models.loading import ModelSettings, apply_lora, load_causal_lm
 from rlhf.outputs import atomic_directory, atomic_file, write_stage_marker
 from rlhf.ppo.advantages import (
@@ -525,8 +525,9 @@ class PPOModule(StageModule):
         ]
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        rollout = self.make_rollout(batch)
-        stats = self.ppo_update(rollout)
+        with adapter_inputs_left_to_autocast(self.model, self.device.type):
+            rollout = self.make_rollout(batch)
+            stats = self.ppo_update(rollout)
         metrics = self.rollout_metrics(rollout)
         nan = float("nan")  # policy/value stats of an iteration whose updates were all skipped
         metrics.update(
@@ -562,7 +563,8 @@ class PPOModule(StageModule):
             self.trainer.should_stop = True
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        rollout = self.make_rollout(batch)
+        with adapter_inputs_left_to_autocast(self.model, self.device.type):
+            rollout = self.make_rollout(batch)
         for key, value in self.rollout_metrics(rollout, prefix="val/").items():
             self.log(key, value, batch_size=len(rollout), prog_bar=key == "val/reward/mean")
 

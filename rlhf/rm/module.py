@@ -10,6 +10,7 @@ import torch
 from torchmetrics import CatMetric, MeanMetric, Metric
 
 from rlhf.distributed import shard_model
+from rlhf.models.forward import adapter_inputs_left_to_autocast
 from rlhf.models.loading import ModelSettings, apply_lora, load_causal_lm
 from rlhf.outputs import atomic_directory, write_stage_marker
 from rlhf.rm.loss import bradley_terry_loss
@@ -94,7 +95,8 @@ class RewardModule(StageModule):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Scores ``[n_seq]`` (fp32)."""
-        return self.model(input_ids, attention_mask)
+        with adapter_inputs_left_to_autocast(self.model, self.device.type):
+            return self.model(input_ids, attention_mask)
 
     def _pairs(self, batch: dict[str, torch.Tensor]):
         scores = self(batch["input_ids"], batch["attention_mask"])

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from rlhf.distributed import language_model, root_forward, shard_model
-from rlhf.models.forward import causal_lm_of, trunk_hidden
+from rlhf.models.forward import adapter_inputs_left_to_autocast, causal_lm_of, trunk_hidden
 from rlhf.models.loading import ModelSettings, apply_lora, load_causal_lm
 from rlhf.outputs import atomic_directory, write_stage_marker
 from rlhf.sft.loss import labelled_nll
@@ -66,7 +66,8 @@ class SFTModule(StageModule):
     def _nll(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed response NLL and labelled-token count; the LM head runs on labelled
         positions only (:func:`rlhf.sft.loss.labelled_nll`)."""
-        hidden = trunk_hidden(self.model, batch["input_ids"], batch["attention_mask"])
+        with adapter_inputs_left_to_autocast(self.model, self.device.type):
+            hidden = trunk_hidden(self.model, batch["input_ids"], batch["attention_mask"])
         lm = causal_lm_of(self.model)
         return root_forward(lm, labelled_nll, hidden, batch["labels"], lm.get_output_embeddings())
 
