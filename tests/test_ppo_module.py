@@ -142,30 +142,75 @@ def test_best_of_n_returns_the_best_scored_sample(tmp_path, tiny_policy_dir):
     assert best.mean() > single.mean()
 
 
-def test_logged_entropy_is_the_rollout_policys_and_the_bonus_enters_the_loss(tmp_path, tiny_policy_dir):
+# Recorded during KV-cached generation the numbers differ from a full pass by float rounding
+# (up to ~2e-5 on this large-logit tiny policy); recomputed they are the same computation.
+@pytest.mark.parametrize("old_logprobs, atol", [("generation", 1e-4), ("recompute", 1e-5)])
+def test_rollout_logprobs_values_and_entropy_are_the_sampling_policys(tmp_path, tiny_policy_dir, old_logprobs, atol):
     torch.manual_seed(0)
-    module = make_module(tiny_policy_dir, sampling=SamplingSettings(max_new_tokens=8, temperature=0.7))
+    module = make_module(tiny_policy_dir, sampling=SamplingSettings(max_new_tokens=8, temperature=0.7),
+                         update=UpdateSettings(ppo_epochs=2, minibatch_size=8, old_logprobs=old_logprobs))
     module.configure_model()
+    with torch.no_grad():
+        module.value_head.weight.normal_()  # zero-initialised: give the values something to show
     data = prompts(tmp_path)
     data.tokenizer_name = str(tiny_policy_dir)
     data.setup("fit")
     rollout = module.make_rollout(next(iter(data.train_dataloader())))
     ids, mask, start = rollout.input_ids, rollout.attention_mask, rollout.response_start
     with torch.no_grad():
-        logits = module.model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)).logits
-    logp = torch.log_softmax(logits[:, start - 1 : -1] / 0.7, dim=-1)
-    expected = -(logp.exp() * logp).sum(-1)
+        out = module.model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
+                           output_hidden_states=True)
+        values = module.value_head(out.hidden_states[-1][:, start - 1 : -1]).squeeze(-1)
+    logp = torch.log_softmax(out.logits[:, start - 1 : -1] / 0.7, dim=-1)
+    entropy = -(logp.exp() * logp).sum(-1)
+    token_logp = logp.gather(-1, ids[:, start:].unsqueeze(-1)).squeeze(-1)
     on = rollout.response_mask.bool()
-    torch.testing.assert_close(rollout.entropy[on], expected[on], rtol=0, atol=1e-5)
+    for got, expected in [(rollout.logprobs, token_logp), (rollout.entropy, entropy), (rollout.values, values)]:
+        torch.testing.assert_close(got[on], expected[on], rtol=0, atol=atol)
     logged = module.rollout_metrics(rollout)["policy/entropy"]
-    assert logged == pytest.approx(float(expected[on].mean()), abs=1e-5)
+    assert logged == pytest.approx(float(entropy[on].mean()), abs=atol)
 
     module.model.eval()  # no adapter dropout: the two losses see the same policy
     without, _ = module.minibatch_loss(rollout)
     module.update_settings.entropy_coef = 0.1
     with_bonus, _ = module.minibatch_loss(rollout)
-    current = float(expected[on].mean())  # the policy has not moved since the rollout
-    assert float(without - with_bonus) == pytest.approx(0.1 * current, abs=1e-5)
+    current = float(entropy[on].mean())  # the policy has not moved since the rollout
+    assert float((without - with_bonus).detach()) == pytest.approx(0.1 * current, abs=1e-5)
+
+
+def test_auto_old_logprobs_come_from_generation_only_in_full_precision(tiny_policy_dir, monkeypatch):
+    module = make_module(tiny_policy_dir)
+    assert module.update_settings.old_logprobs == "auto"
+    module.configure_model()
+    assert module.old_logprobs_from_generation()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not module.old_logprobs_from_generation()
+    monkeypatch.setattr(module, "_trainer", type("T", (), {"precision": "bf16-mixed"})())
+    assert not module.old_logprobs_from_generation()
+    module.update_settings.old_logprobs = "generation"
+    assert module.old_logprobs_from_generation()
+    bf16 = make_module(tiny_policy_dir)
+    bf16.configure_model()
+    bf16.model.to(torch.bfloat16)
+    assert not bf16.old_logprobs_from_generation()
+    with pytest.raises(ValueError, match="old_logprobs must be"):
+        UpdateSettings(old_logprobs="cached")
+
+
+def test_an_adapter_critic_makes_its_own_value_pass_with_generation_logprobs(tmp_path, tiny_policy_dir):
+    torch.manual_seed(0)
+    module = make_module(tiny_policy_dir, critic="adapter")
+    module.configure_model()
+    with torch.no_grad():
+        module.value_head.weight.normal_()
+    data = prompts(tmp_path)
+    data.tokenizer_name = str(tiny_policy_dir)
+    data.setup("fit")
+    rollout = module.make_rollout(next(iter(data.train_dataloader())))
+    with torch.no_grad():
+        expected = module.adapter_values(rollout.input_ids, rollout.attention_mask, rollout.response_start)
+    torch.testing.assert_close(rollout.values, expected, rtol=0, atol=0)
+    assert module.model.active_adapter == "policy"  # switched back after the value pass
 
 
 def test_kl_controller_state_and_iteration_travel_in_checkpoints(tmp_path, tiny_policy_dir):

@@ -94,3 +94,18 @@ def test_the_lm_head_gets_contiguous_inputs_during_generation_only():
                      eos_id=11, pad_id=10)
     assert len(seen) == 3 and all(seen)  # prefill + 2 decode steps
     assert not model.lm_head._forward_pre_hooks  # the hook is removed afterwards
+
+
+def test_recording_sampler_keeps_the_untruncated_tempered_logprob_and_entropy():
+    torch.manual_seed(0)
+    logits = torch.randn(4, 6) * 3
+    sampler = InverseCDFSampler(0.7, top_k=2, record=True)
+    drawn = [sampler(torch.zeros(4, 1, dtype=torch.long), logits).argmax(-1) for _ in range(3)]
+    logp, entropy = sampler.recorded()
+    assert logp.shape == entropy.shape == (4, 3)
+    full = torch.log_softmax(logits / 0.7, dim=-1)  # no top-k: what the update's log-probs use
+    for step, tokens in enumerate(drawn):
+        torch.testing.assert_close(logp[:, step], full.gather(1, tokens.unsqueeze(1)).squeeze(1))
+        torch.testing.assert_close(entropy[:, step], -(full.exp() * full).sum(-1))
+    with pytest.raises(RuntimeError, match="nothing recorded"):
+        InverseCDFSampler(1.0).recorded()

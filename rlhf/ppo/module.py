@@ -32,7 +32,7 @@ from torch import nn
 
 from rlhf.data.records import conversation_text
 from rlhf.distributed import shard_model
-from rlhf.models.forward import adapter_inputs_left_to_autocast, disable_dropout
+from rlhf.models.forward import adapter_inputs_left_to_autocast, causal_lm_of, disable_dropout
 from rlhf.models.loading import ModelSettings, apply_lora, load_causal_lm
 from rlhf.outputs import atomic_directory, atomic_file, write_stage_marker
 from rlhf.ppo.advantages import (
@@ -52,6 +52,7 @@ from rlhf.ppo.rollout import (
     Scorer,
     assemble_sequences,
     response_logprobs,
+    sample_and_record,
     sample_responses,
     trunk_hidden,
 )
@@ -278,15 +279,21 @@ class PPOModule(StageModule):
         values = None
         if self.uses_critic:
             if self.critic == "adapter":
-                self.model.set_adapter(VALUE)
-                hidden = trunk_hidden(self.model, input_ids, attention_mask)
-                self.model.set_adapter(POLICY)
+                values = self.adapter_values(input_ids, attention_mask, start)
             else:
                 # The shared head reads the policy's features without moving them: value-loss
                 # gradients (returns can be large) never reach the policy adapter.
-                hidden = hidden.detach()
-            values = self._values_from(hidden[:, start - 1 : -1])
+                values = self._values_from(hidden.detach()[:, start - 1 : -1])
         return logp, values, entropies
+
+    def adapter_values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, start: int) -> torch.Tensor:
+        """Values ``[B, R]`` of an ``adapter`` critic: a trunk pass with the value adapter on."""
+        self.model.set_adapter(VALUE)
+        try:
+            hidden = trunk_hidden(self.model, input_ids, attention_mask)
+        finally:
+            self.model.set_adapter(POLICY)
+        return self._values_from(hidden[:, start - 1 : -1])
 
     @torch.no_grad()
     def reference_logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, start: int) -> torch.Tensor:
@@ -313,6 +320,20 @@ class PPOModule(StageModule):
             scores = torch.where(has_eos, scores, torch.full_like(scores, settings.missing_eos_penalty))
         return scores
 
+    def old_logprobs_from_generation(self) -> bool:
+        """Whether this rollout takes its old log-probs from generation (``update.old_logprobs``;
+        ``auto``: only when the policy computes in float32/float64: weights in full precision,
+        no autocast, and a full-precision trainer, since FSDP's mixed precision casts the
+        weights themselves)."""
+        choice = self.update_settings.old_logprobs
+        if choice != "auto":
+            return choice == "generation"
+        trainer = getattr(self, "_trainer", None)
+        if trainer is not None and "16" in str(trainer.precision):
+            return False
+        compute = causal_lm_of(self.model).get_input_embeddings().weight.dtype
+        return compute in (torch.float32, torch.float64) and not torch.is_autocast_enabled(self.device.type)
+
     @timed("rollout")
     @torch.no_grad()
     def make_rollout(self, batch: dict[str, torch.Tensor]) -> Rollout:
@@ -322,15 +343,26 @@ class PPOModule(StageModule):
         prompt_ids = batch["input_ids"].repeat_interleave(k, dim=0)
         prompt_mask = batch["attention_mask"].repeat_interleave(k, dim=0)
         eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
-        responses = sample_responses(self.model, prompt_ids, prompt_mask, self.sampling, eos, pad)
+        from_generation = self.old_logprobs_from_generation()
+        if from_generation:
+            responses, record = sample_and_record(self.model, prompt_ids, prompt_mask, self.sampling, eos, pad)
+        else:
+            responses = sample_responses(self.model, prompt_ids, prompt_mask, self.sampling, eos, pad)
         input_ids, attention_mask, response_mask, has_eos = assemble_sequences(
             prompt_ids, prompt_mask, responses, eos, pad
         )
         start = prompt_ids.shape[1]
         with phase("policy_value"):
-            # The logged entropy comes from this pass (once an iteration, no grad), not from the
-            # update's: at the default entropy_coef 0 the update then makes no [R, vocab] exp.
-            logprobs, values, entropy = self.policy_forward(input_ids, attention_mask, start, entropy=True)
+            # The logged entropy is the rollout's (no grad, once an iteration), not the update's:
+            # at the default entropy_coef 0 the update then makes no [R, vocab] exp.
+            if from_generation:
+                record = record.trimmed(response_mask.shape[1])
+                logprobs, entropy, values = record.logprobs, record.entropy, None
+                if self.uses_critic:
+                    values = (self.adapter_values(input_ids, attention_mask, start) if self.critic == "adapter"
+                              else self._values_from(record.hidden))
+            else:
+                logprobs, values, entropy = self.policy_forward(input_ids, attention_mask, start, entropy=True)
         with phase("reference"):
             ref_logprobs = self.reference_logprobs(input_ids, attention_mask, start)
         with phase("reward"):

@@ -109,19 +109,18 @@ def contiguous_head_input(model: nn.Module) -> Iterator[None]:
             handle.remove()
 
 
-@timed("generation")
-@torch.no_grad()
-def sample_responses(
+def _generate(
     model: nn.Module,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     sampling: SamplingSettings,
     eos_id: int,
     pad_id: int,
+    sampler: InverseCDFSampler,
 ) -> torch.Tensor:
     """Sample responses ``[batch, R]`` (KV cache on, stop at EOS; finished rows padded).
 
-    ``generate`` runs a greedy search whose only logits processor is
+    ``generate`` runs a greedy search whose only logits processor is ``sampler``, an
     :class:`rlhf.ppo.sampler.InverseCDFSampler`: it applies the temperature, top-k and top-p
     of ``sampling`` and draws the token (faster than ``generate``'s ``torch.multinomial``).
     Every built-in processor is switched off explicitly: ``generate`` fills unset (``None``)
@@ -141,13 +140,80 @@ def sample_responses(
         pad_token_id=pad_id,
         use_cache=True,
     )
-    sampler = InverseCDFSampler(sampling.temperature, sampling.top_k, sampling.top_p)
     with contiguous_head_input(model):
         out = model.generate(
             input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
             logits_processor=LogitsProcessorList([sampler]), synced_gpus=synced_generation(model),
         )
     return out[:, input_ids.shape[1] :]
+
+
+@timed("generation")
+@torch.no_grad()
+def sample_responses(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    sampling: SamplingSettings,
+    eos_id: int,
+    pad_id: int,
+) -> torch.Tensor:
+    """Sample responses ``[batch, R]`` to left-padded prompts ``[batch, P]`` (KV cache on, stop
+    at EOS; finished rows padded); see :func:`_generate`."""
+    sampler = InverseCDFSampler(sampling.temperature, sampling.top_k, sampling.top_p)
+    return _generate(model, input_ids, attention_mask, sampling, eos_id, pad_id, sampler)
+
+
+@dataclass
+class GenerationRecord:
+    """What generation computed at each sampled token, ``steps`` of them (column ``i`` is
+    response token ``i``), under the policy that sampled it.
+
+    Attributes:
+        logprobs: ``[B, steps]`` log-probs of the drawn tokens under ``softmax(logits / T)``
+            (no top-k / top-p, like the update's log-probs).
+        entropy: ``[B, steps]`` entropies of that distribution.
+        hidden: ``[B, steps, H]`` the LM head's inputs (the trunk's final hidden states at the
+            positions that predicted the tokens: what a shared value head reads).
+    """
+
+    logprobs: torch.Tensor
+    entropy: torch.Tensor
+    hidden: torch.Tensor
+
+    def trimmed(self, length: int) -> "GenerationRecord":
+        """The first ``length`` columns (the responses' length after :func:`assemble_sequences`)."""
+        return GenerationRecord(self.logprobs[:, :length], self.entropy[:, :length], self.hidden[:, :length])
+
+
+@timed("generation")
+@torch.no_grad()
+def sample_and_record(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    sampling: SamplingSettings,
+    eos_id: int,
+    pad_id: int,
+) -> tuple[torch.Tensor, GenerationRecord]:
+    """:func:`sample_responses`, also keeping each step's log-prob, entropy and head input
+    (:class:`GenerationRecord`): a rollout can take its old log-probs and shared-critic values
+    from generation instead of a second policy pass over the sequences. With the KV cache the
+    numbers are those of the full forward pass up to float rounding."""
+    sampler = InverseCDFSampler(sampling.temperature, sampling.top_k, sampling.top_p, record=True)
+    hidden: list[torch.Tensor] = []
+
+    def keep_head_input(module: nn.Module, args: tuple) -> None:
+        hidden.append(args[0][:, -1].clone())  # [B, H]: the position predicting the next token
+
+    head = causal_lm_of(model).get_output_embeddings()
+    handle = head.register_forward_pre_hook(keep_head_input)
+    try:
+        responses = _generate(model, input_ids, attention_mask, sampling, eos_id, pad_id, sampler)
+    finally:
+        handle.remove()
+    logprobs, entropy = sampler.recorded()
+    return responses, GenerationRecord(logprobs, entropy, torch.stack(hidden, dim=1))
 
 
 class Scorer(Protocol):

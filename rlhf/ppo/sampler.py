@@ -64,16 +64,45 @@ def sample_from_logits(
     return torch.searchsorted(cdf, uniform, right=True).squeeze(1)
 
 
+def tempered_logprob_and_entropy(
+    logits: torch.Tensor, tokens: torch.Tensor, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-prob of ``tokens`` ``[B]`` and the entropy ``[B]`` under ``softmax(logits / temperature)``
+    (``logits`` ``[B, V]``; float32; no top-k / top-p: the distribution PPO's log-probs use)."""
+    scaled = logits.float() / temperature
+    lse = torch.logsumexp(scaled, dim=-1)
+    logp = scaled.gather(1, tokens.unsqueeze(1)).squeeze(1) - lse
+    probs = torch.exp(scaled - lse.unsqueeze(1))
+    return logp, lse - (probs * scaled).sum(dim=-1)
+
+
 class InverseCDFSampler(LogitsProcessor):
     """A logits processor that samples: returns ``[B, V]`` scores that are ``0`` at the token
-    drawn by :func:`sample_from_logits` and ``-inf`` elsewhere (use with greedy ``generate``)."""
+    drawn by :func:`sample_from_logits` and ``-inf`` elsewhere (use with greedy ``generate``).
+
+    With ``record``, each call also keeps the drawn tokens' log-probs and the entropies
+    (:func:`tempered_logprob_and_entropy`); :meth:`recorded` stacks them ``[B, steps]``.
+    """
 
     def __init__(self, temperature: float, top_k: int = 0, top_p: float = 1.0,
-                 generator: torch.Generator | None = None) -> None:
+                 generator: torch.Generator | None = None, record: bool = False) -> None:
         check_temperature(temperature)
         self.temperature, self.top_k, self.top_p, self.generator = temperature, top_k, top_p, generator
+        self.record = record
+        self._logprobs: list[torch.Tensor] = []
+        self._entropies: list[torch.Tensor] = []
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         tokens = sample_from_logits(scores, self.temperature, self.top_k, self.top_p, self.generator)
+        if self.record:
+            logp, entropy = tempered_logprob_and_entropy(scores, tokens, self.temperature)
+            self._logprobs.append(logp)
+            self._entropies.append(entropy)
         chosen = torch.full_like(scores, float("-inf"))
         return chosen.scatter_(1, tokens.unsqueeze(1), 0.0)
+
+    def recorded(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(logprobs, entropies)``, each ``[B, steps]``, of the draws made since construction."""
+        if not self._logprobs:
+            raise RuntimeError("nothing recorded: construct with record=True and sample first")
+        return torch.stack(self._logprobs, dim=1), torch.stack(self._entropies, dim=1)
