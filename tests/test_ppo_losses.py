@@ -2,6 +2,7 @@
 
 import math
 
+import pytest
 import torch
 from torch.testing import assert_close
 
@@ -99,6 +100,22 @@ def test_logprobs_from_logits_temperature():
     # bfloat16 input is computed in float32
     out = logprobs_from_logits(two.bfloat16(), toks)
     assert out.dtype == torch.float32
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_logprobs_from_logits_gradient(temperature):
+    g = torch.Generator().manual_seed(0)
+    logits = (torch.randn(2, 4, 7, generator=g, dtype=torch.float64) * 3).requires_grad_()
+    tokens = torch.randint(0, 7, (2, 4), generator=g)
+    torch.autograd.gradcheck(lambda z: logprobs_from_logits(z, tokens, temperature), (logits,))
+    # bf16 logits: the gradient comes back in bf16, equal to the float32 one up to bf16 rounding
+    low = logits.detach().bfloat16().requires_grad_()
+    weights = torch.randn(2, 4, generator=g)
+    (logprobs_from_logits(low, tokens, temperature) * weights).sum().backward()
+    ref = low.detach().float().requires_grad_()
+    (torch.log_softmax(ref / temperature, -1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1) * weights).sum().backward()
+    assert low.grad.dtype == torch.bfloat16
+    assert_close(low.grad.float(), ref.grad, atol=2e-2, rtol=1e-2)
 
 
 def test_entropy_from_logits():

@@ -198,10 +198,45 @@ def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor, temperature
         ``[b, t]`` float32 (float64 for float64 logits) log-probs; differentiable.
     """
     check_temperature(temperature)
-    rows = [_row_log_softmax(row_logits, row_tokens, temperature)[1] for row_logits, row_tokens in zip(logits, tokens)]
+    rows = [_TokenLogprob.apply(row_logits, row_tokens, temperature) for row_logits, row_tokens in zip(logits, tokens)]
     if not rows:
         return _empty_logprobs(logits, tokens)
     return torch.stack(rows, dim=0)
+
+
+class _TokenLogprob(torch.autograd.Function):
+    """``log_softmax(logits / T)[token]`` for one row ``[t, v]`` -> ``[t]`` (float32 for half /
+    bfloat16 logits), without keeping the ``[t, v]`` log-softmax for backward.
+
+    Saved for backward are the logits as given (bf16 logits stay bf16) and the ``[t]``
+    log-normalisers; backward recomputes the softmax from them: ``d logp / d z = (onehot -
+    softmax(z / T)) / T``. Against ``log_softmax`` + ``gather`` this saves the float32
+    ``[t, v]`` log-softmax kept per row until backward, and the zero-filled ``[t, v]`` gradient
+    that ``gather``'s backward scatters into.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
+        z = _float(logits)
+        if temperature != 1.0:
+            z = z / temperature
+        index = tokens.long().unsqueeze(-1)
+        lse = torch.logsumexp(z, dim=-1)
+        ctx.save_for_backward(logits, index, lse)
+        ctx.temperature = temperature
+        return z.gather(-1, index).squeeze(-1) - lse
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        logits, index, lse = ctx.saved_tensors
+        z = _float(logits)
+        if ctx.temperature != 1.0:
+            z = z / ctx.temperature
+        grad_z = (z - lse.unsqueeze(-1)).exp_().mul_(-grad.unsqueeze(-1))  # -g * softmax
+        grad_z.scatter_add_(-1, index, grad.unsqueeze(-1))  # + g at the token
+        if ctx.temperature != 1.0:
+            grad_z = grad_z.div_(ctx.temperature)
+        return grad_z.to(logits.dtype), None, None
 
 
 def check_temperature(temperature: float) -> None:
