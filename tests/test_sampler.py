@@ -6,7 +6,14 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from rlhf.ppo.rollout import sample_responses
-from rlhf.ppo.sampler import InverseCDFSampler, filter_logits, sample_from_logits
+from rlhf.ppo.sampler import (
+    CDF_BLOCK,
+    InverseCDFSampler,
+    draw_inverse_cdf,
+    filter_logits,
+    sample_from_logits,
+    tempered_logprob_and_entropy,
+)
 from rlhf.ppo.settings import SamplingSettings
 
 LOGITS = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0])
@@ -109,3 +116,27 @@ def test_recording_sampler_keeps_the_untruncated_tempered_logprob_and_entropy():
         torch.testing.assert_close(entropy[:, step], -(full.exp() * full).sum(-1))
     with pytest.raises(RuntimeError, match="nothing recorded"):
         InverseCDFSampler(1.0).recorded()
+
+
+def test_two_level_draw_over_several_blocks_follows_the_weights_and_skips_zeros():
+    torch.manual_seed(4)
+    vocab = 3 * CDF_BLOCK + 37  # several blocks and a padded last one
+    weights = torch.rand(vocab) ** 4
+    weights[::3] = 0.0  # never drawn
+    weights[CDF_BLOCK : 2 * CDF_BLOCK] = 0.0  # a whole empty block
+    weights[5] = 200.0  # one heavy token
+    n = 200_000
+    drawn = draw_inverse_cdf(weights.expand(n, -1).contiguous())
+    freq = frequencies(drawn, vocab)
+    assert freq[weights == 0].sum() == 0
+    expected = weights.double() / weights.double().sum()
+    assert torch.allclose(freq, expected, atol=0.005)  # heavy token p ~0.6: SE 0.0011
+    assert (freq[5] - expected[5]).abs() < 0.005
+
+
+def test_entropy_and_logprob_with_masked_tokens_are_finite():
+    logits = torch.tensor([[0.0, float("-inf"), 1.0, 2.0]])
+    logp, entropy = tempered_logprob_and_entropy(logits, torch.tensor([2]), 1.0)
+    p = torch.softmax(torch.tensor([0.0, 1.0, 2.0]), dim=-1)
+    torch.testing.assert_close(logp, p[1:2].log())
+    torch.testing.assert_close(entropy, -(p * p.log()).sum().unsqueeze(0))

@@ -2,11 +2,13 @@
 
 ``torch.multinomial`` on a ``[B, vocab]`` probability table draws one exponential variate per
 vocabulary entry. With the temperature and softmax included, a draw over a 49k vocabulary took
-7.1-8.6 ms for 8 rows (32-37 ms for 32 rows) on the 2-core CPU, against 2.5-3.2 ms (6.9-10.8 ms)
-for a cumulative sum, one uniform per row and a binary search, which draw from the same
-distribution (``python -m benchmarks.sampling``, six runs). Generating 64 tokens for 8 prompts
-with the benchmark's medium model (LoRA on): 3.20-3.57 s with ``generate``'s own sampling,
-2.79-3.11 s with this one (``python -m benchmarks.sampling --generate``, two runs).
+6.9-8.6 ms for 8 rows (30-37 ms for 32 rows) on the 2-core CPU. Inverse-CDF sampling draws from
+the same distribution with one uniform per row and a binary search over cumulative sums: with a
+float64 cumulative sum of the whole row, 2.5-3.2 ms (6.9-10.8 ms); with the two-level sums of
+:func:`draw_inverse_cdf`, 0.34-0.46 ms (2.3-5.9 ms) (``python -m benchmarks.sampling``, three
+runs each). Generating 64 tokens for 8 prompts with the benchmark's medium model (LoRA on):
+3.20-3.57 s with ``generate``'s own sampling, 2.79-3.11 s with the whole-row sums
+(``python -m benchmarks.sampling --generate``, two runs).
 
 :class:`InverseCDFSampler` plugs this into ``transformers``' ``generate`` as the last logits
 processor of a *greedy* search: it draws the token itself and hands back scores that are
@@ -17,6 +19,7 @@ EOS handling and FSDP's ``synced_gpus`` stepping stay ``generate``'s.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from transformers import LogitsProcessor
 
 from rlhf.ppo.losses import check_temperature
@@ -41,6 +44,62 @@ def filter_logits(logits: torch.Tensor, temperature: float, top_k: int = 0, top_
     return scaled
 
 
+# Inverse-CDF sampling in two levels: the cumulative mass of blocks of this many vocabulary
+# entries, then the cumulative mass inside the one block the uniform falls in.
+CDF_BLOCK = 256
+
+
+def draw_inverse_cdf(weights: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One index per row ``[B]``, drawn with probability proportional to ``weights`` ``[B, V]``
+    (non-negative, finite, a positive sum per row; unnormalised is fine).
+
+    Inverse CDF: one uniform in ``[0, total)`` per row and the first index whose cumulative
+    weight exceeds it. Sums are float64, so even a token of probability ~1e-12 keeps its own
+    interval. In two levels: block sums (one pass over the row), their cumulative sum, then the
+    cumulative sum of the chosen block alone, instead of a float64 copy and cumulative sum of
+    the whole ``[B, V]``. A zero-weight index is never drawn.
+    """
+    rows, vocab = weights.shape
+    blocks = -(-vocab // CDF_BLOCK)
+    if blocks * CDF_BLOCK != vocab:
+        weights = F.pad(weights, (0, blocks * CDF_BLOCK - vocab))
+    by_block = weights.view(rows, blocks, CDF_BLOCK)
+    # Block sums in float32 (relative error ~1e-7 of a block's mass, which only shifts which
+    # block is drawn by as much); the cumulative sums, where intervals are resolved, in float64.
+    block_cdf = by_block.sum(dim=-1).double().cumsum(dim=-1)  # [B, blocks]
+    total = block_cdf[:, -1:]
+    uniform = torch.rand(total.shape, dtype=total.dtype, device=total.device, generator=generator) * total
+    # Strictly below the total even if the product rounded up, so the first cumulative value
+    # above it belongs to a token of non-zero probability (no host sync, unlike a check).
+    uniform = torch.minimum(uniform, torch.nextafter(total, torch.zeros_like(total)))
+    block = torch.searchsorted(block_cdf, uniform, right=True).clamp_(max=blocks - 1)  # [B, 1]
+    before = torch.where(block > 0, block_cdf.gather(1, (block - 1).clamp(min=0)), 0.0)
+    inside = by_block.gather(1, block.unsqueeze(-1).expand(rows, 1, CDF_BLOCK)).squeeze(1)
+    inside_cdf = inside.double().cumsum(dim=-1)  # [B, CDF_BLOCK]
+    # The block's own sum may round differently from the first level's: stay inside it.
+    rest = torch.minimum(uniform - before, torch.nextafter(inside_cdf[:, -1:], torch.zeros_like(total)))
+    return (block * CDF_BLOCK + torch.searchsorted(inside_cdf, rest, right=True)).squeeze(1)
+
+
+def _shifted_exp(scaled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(d, e)`` for ``[B, V]`` scaled logits: ``d = scaled - rowmax``, ``e = exp(d)`` (the
+    unnormalised probabilities, ``0`` where ``scaled`` is ``-inf``)."""
+    d = scaled - scaled.amax(dim=-1, keepdim=True)
+    return d, d.exp()
+
+
+def _logprob_and_entropy(
+    d: torch.Tensor, e: torch.Tensor, tokens: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probs of ``tokens`` and entropies ``[B]`` from :func:`_shifted_exp`'s ``(d, e)``:
+    ``log p = d - log sum(e)`` and ``H = log sum(e) - sum(e * d) / sum(e)``."""
+    total = e.sum(dim=-1)
+    log_total = total.log()
+    logp = d.gather(1, tokens.unsqueeze(1)).squeeze(1) - log_total
+    e_times_d = (e * d).masked_fill_(e == 0, 0.0)  # 0 * -inf from masked tokens counts as 0
+    return logp, log_total - e_times_d.sum(dim=-1) / total
+
+
 def sample_from_logits(
     logits: torch.Tensor,
     temperature: float,
@@ -48,20 +107,10 @@ def sample_from_logits(
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """One token per row ``[B]`` drawn from ``softmax(filter_logits(logits, ...))``.
-
-    Inverse-CDF sampling: the row's cumulative probabilities (in float64, so even a token of
-    probability ~1e-12 keeps its own interval), one uniform in ``[0, total)`` and a binary
-    search for the first cumulative value above it.
-    """
-    probs = torch.softmax(filter_logits(logits, temperature, top_k, top_p), dim=-1)
-    cdf = probs.double().cumsum(dim=-1)
-    total = cdf[:, -1:]
-    uniform = torch.rand(total.shape, dtype=cdf.dtype, device=cdf.device, generator=generator) * total
-    # Strictly below the total even if the product rounded up, so the first cumulative value
-    # above it belongs to a token of non-zero probability (no host sync, unlike a check).
-    uniform = torch.minimum(uniform, torch.nextafter(total, torch.zeros_like(total)))
-    return torch.searchsorted(cdf, uniform, right=True).squeeze(1)
+    """One token per row ``[B]`` drawn from ``softmax(filter_logits(logits, ...))`` by
+    :func:`draw_inverse_cdf`."""
+    _, weights = _shifted_exp(filter_logits(logits, temperature, top_k, top_p))
+    return draw_inverse_cdf(weights, generator)
 
 
 def tempered_logprob_and_entropy(
@@ -69,11 +118,7 @@ def tempered_logprob_and_entropy(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-prob of ``tokens`` ``[B]`` and the entropy ``[B]`` under ``softmax(logits / temperature)``
     (``logits`` ``[B, V]``; float32; no top-k / top-p: the distribution PPO's log-probs use)."""
-    scaled = logits.float() / temperature
-    lse = torch.logsumexp(scaled, dim=-1)
-    logp = scaled.gather(1, tokens.unsqueeze(1)).squeeze(1) - lse
-    probs = torch.exp(scaled - lse.unsqueeze(1))
-    return logp, lse - (probs * scaled).sum(dim=-1)
+    return _logprob_and_entropy(*_shifted_exp(logits.float() / temperature), tokens)
 
 
 class InverseCDFSampler(LogitsProcessor):
@@ -81,7 +126,8 @@ class InverseCDFSampler(LogitsProcessor):
     drawn by :func:`sample_from_logits` and ``-inf`` elsewhere (use with greedy ``generate``).
 
     With ``record``, each call also keeps the drawn tokens' log-probs and the entropies
-    (:func:`tempered_logprob_and_entropy`); :meth:`recorded` stacks them ``[B, steps]``.
+    (:func:`tempered_logprob_and_entropy`; without top-k / top-p from the same exponentials
+    as the draw); :meth:`recorded` stacks them ``[B, steps]``.
     """
 
     def __init__(self, temperature: float, top_k: int = 0, top_p: float = 1.0,
@@ -93,9 +139,15 @@ class InverseCDFSampler(LogitsProcessor):
         self._entropies: list[torch.Tensor] = []
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        tokens = sample_from_logits(scores, self.temperature, self.top_k, self.top_p, self.generator)
+        if self.record and self.top_k == 0 and self.top_p >= 1.0:
+            d, e = _shifted_exp(scores.float() / self.temperature)
+            tokens = draw_inverse_cdf(e, self.generator)
+            logp, entropy = _logprob_and_entropy(d, e, tokens)
+        else:
+            tokens = sample_from_logits(scores, self.temperature, self.top_k, self.top_p, self.generator)
+            if self.record:
+                logp, entropy = tempered_logprob_and_entropy(scores, tokens, self.temperature)
         if self.record:
-            logp, entropy = tempered_logprob_and_entropy(scores, tokens, self.temperature)
             self._logprobs.append(logp)
             self._entropies.append(entropy)
         chosen = torch.full_like(scores, float("-inf"))
