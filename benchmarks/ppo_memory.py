@@ -93,13 +93,9 @@ def separate_models_module():
             if self.scorer is None:
                 self.scorer = self.build_scorer()  # reward.share_base is off: its own model
 
-        def policy_forward(self, input_ids, attention_mask, start, entropy=True, entropy_grad=False):
-            hidden = trunk_hidden(self.model, input_ids, attention_mask)
-            logp, entropies = response_logprobs(
-                self.model, hidden, start, input_ids[:, start:], self.sampling.temperature, entropy, entropy_grad
-            )
+        def adapter_values(self, input_ids, attention_mask, start):
             value_hidden = trunk_hidden(self.value_model, input_ids, attention_mask)
-            return logp, self._values_from(value_hidden[:, start - 1 : -1]), entropies
+            return self._values_from(value_hidden[:, start - 1 : -1])
 
         def reference_logprobs(self, input_ids, attention_mask, start):
             import torch

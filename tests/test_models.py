@@ -112,11 +112,11 @@ def test_adapter_inputs_left_to_autocast_same_outputs_and_gradients(tiny_model_d
 
     def outputs_and_grads(left_to_autocast: bool) -> list[torch.Tensor]:
         model.zero_grad(set_to_none=True)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            with adapter_inputs_left_to_autocast(model, "cpu") if left_to_autocast else contextlib.nullcontext():
-                flags = {m.cast_input_dtype_enabled for m in model.modules() if isinstance(m, BaseTunerLayer)}
-                assert flags == ({False} if left_to_autocast else {True})
-                logits = model(input_ids=ids).logits
+        switch = adapter_inputs_left_to_autocast(model, "cpu") if left_to_autocast else contextlib.nullcontext()
+        with torch.autocast("cpu", dtype=torch.bfloat16), switch:
+            flags = {m.cast_input_dtype_enabled for m in model.modules() if isinstance(m, BaseTunerLayer)}
+            assert flags == ({False} if left_to_autocast else {True})
+            logits = model(input_ids=ids).logits
         logits.float().square().mean().backward()
         return [logits.detach()] + [p.grad.clone() for p in model.parameters() if p.requires_grad]
 

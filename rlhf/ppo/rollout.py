@@ -18,12 +18,15 @@ from transformers import GenerationConfig, LogitsProcessorList
 
 from rlhf.distributed import root_forward, synced_generation
 from rlhf.models.forward import causal_lm_of, trunk_hidden
-from rlhf.ppo.losses import check_temperature, logprobs_and_entropy, logprobs_from_logits
+from rlhf.ppo.losses import (
+    check_temperature,
+    logprobs_and_entropy,
+    logprobs_from_logits,
+)
 from rlhf.ppo.masks import response_mask_from_eos
 from rlhf.ppo.sampler import InverseCDFSampler
 from rlhf.ppo.settings import SamplingSettings
 from rlhf.ppo.timing import timed
-
 
 # Response positions per LM-head call in :func:`response_logprobs`. On the CPU the head's matmul
 # is bound by reading its ``[vocab, hidden]`` weight: 64 rows take about as long as 128 (49k x 576
@@ -181,7 +184,7 @@ class GenerationRecord:
     entropy: torch.Tensor
     hidden: torch.Tensor
 
-    def trimmed(self, length: int) -> "GenerationRecord":
+    def trimmed(self, length: int) -> GenerationRecord:
         """The first ``length`` columns (the responses' length after :func:`assemble_sequences`)."""
         return GenerationRecord(self.logprobs[:, :length], self.entropy[:, :length], self.hidden[:, :length])
 

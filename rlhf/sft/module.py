@@ -9,7 +9,11 @@ from typing import Any
 import torch
 
 from rlhf.distributed import language_model, root_forward, shard_model
-from rlhf.models.forward import adapter_inputs_left_to_autocast, causal_lm_of, trunk_hidden
+from rlhf.models.forward import (
+    adapter_inputs_left_to_autocast,
+    causal_lm_of,
+    trunk_hidden,
+)
 from rlhf.models.loading import ModelSettings, apply_lora, load_causal_lm
 from rlhf.outputs import atomic_directory, write_stage_marker
 from rlhf.sft.loss import labelled_nll
