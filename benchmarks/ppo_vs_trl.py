@@ -88,8 +88,22 @@ def machine_info() -> dict[str, Any]:
         "trl": trl_version,
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
         "libc": " ".join(platform.libc_ver()).strip() or None,
+        "rlhf_commit": source_commit(),
     }
     return info
+
+
+def source_commit() -> str | None:
+    """The repository's ``HEAD`` commit (``+dirty`` with uncommitted changes to tracked files),
+    or ``None`` outside a git checkout."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True,
+                              text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("+dirty" if dirty else "")
 
 
 def load_average() -> list[float] | None:

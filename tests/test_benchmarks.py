@@ -44,6 +44,25 @@ def test_summary_takes_medians_after_warmup_and_fills_the_remainders():
     assert s["phase_seconds_median"]["other"] == pytest.approx(0.1)
 
 
+def test_source_commit_names_head_and_marks_uncommitted_changes(tmp_path, monkeypatch):
+    import benchmarks.ppo_vs_trl as bench
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(repo)]
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    (repo / "f.txt").write_text("a\n")
+    subprocess.run([*git, "add", "f.txt"], check=True)
+    subprocess.run([*git, "commit", "-qm", "one"], check=True)
+    head = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    monkeypatch.setattr(bench, "REPO_ROOT", repo)
+    assert bench.source_commit() == head
+    (repo / "f.txt").write_text("b\n")
+    assert bench.source_commit() == head + "+dirty"
+    monkeypatch.setattr(bench, "REPO_ROOT", tmp_path / "elsewhere")
+    assert bench.source_commit() is None
+
+
 def test_malloc_mmap_threshold_names_the_results_and_reaches_the_workers(tmp_path, monkeypatch):
     monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
     args = parse_args(["--malloc-mmap-threshold", "4194304"])
