@@ -52,25 +52,3 @@ def test_response_logprobs_reject_a_non_positive_temperature(tiny_policy_dir):
     hidden = trunk_hidden(model, ids, torch.ones_like(ids))
     with pytest.raises(ValueError, match="temperature must be > 0"):
         response_logprobs(model, hidden, 3, ids[:, 3:], 0.0)
-
-
-def test_decoding_head_gives_the_linear_heads_logits_and_restores_it(tiny_policy_dir):
-    from rlhf.ppo.rollout import decoding_head
-
-    model = load_causal_lm(ModelSettings(str(tiny_policy_dir)))
-    head = model.get_output_embeddings()
-    ids = torch.randint(3, 200, (3, 7))
-    with torch.no_grad():
-        expected = model(input_ids=ids).logits
-        with decoding_head(model):
-            assert "forward" in vars(head)
-            strided = model(input_ids=ids, logits_to_keep=1).logits  # generate's prefill call
-            full = model(input_ids=ids).logits
-    assert "forward" not in vars(head)
-    torch.testing.assert_close(full, expected, rtol=0, atol=1e-5)
-    torch.testing.assert_close(strided, expected[:, -1:], rtol=0, atol=1e-5)
-    # A head whose forward is already wrapped (e.g. accelerate's hooks) is left alone.
-    wrapped = head.forward
-    head.forward = wrapped
-    with decoding_head(model):
-        assert vars(head)["forward"] is wrapped

@@ -7,7 +7,7 @@ Response tokens after the first EOS are masked out of everything.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, fields, replace
 from typing import Protocol
@@ -29,10 +29,9 @@ from rlhf.ppo.settings import SamplingSettings
 from rlhf.ppo.timing import timed
 
 # Response positions per LM-head call in :func:`response_logprobs`. On the CPU the head's matmul
-# is largely bound by reading its ``[vocab, hidden]`` weight: 128 positions cost ~1.4x what 64 do
-# (49k x 576, two threads: float32 24-27 vs 17-19 ms, bf16 7-9 vs 4.4-5.1 ms; ``python -m
-# benchmarks.sampling --head-rows``, two runs), 256 more than twice 128; the ``[positions,
-# vocab]`` logits a call makes grow with it (128 x 49k float32: 24 MiB).
+# is bound by reading its ``[vocab, hidden]`` weight: 64 rows take about as long as 128 (49k x 576
+# float32, two threads: 23 vs 26 ms; bf16: 4.7 vs 6.8 ms), while the ``[positions, vocab]``
+# logits and log-softmax a call makes grow with it (128 x 49k float32: 24 MiB each).
 HEAD_CHUNK_POSITIONS = 128
 
 
@@ -91,42 +90,6 @@ def response_logprobs(
     return root_forward(lm, chunked)
 
 
-def _weight_first(head: nn.Linear) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``head``'s forward computed as ``weight @ input^T`` (returned transposed, a view)."""
-
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, x.shape[-1])
-        logits = torch.mm(head.weight, flat.t()).t()  # [N, vocab], strided
-        if head.bias is not None:
-            logits = logits + head.bias
-        return logits.reshape(*x.shape[:-1], logits.shape[-1])
-
-    return forward
-
-
-@contextmanager
-def decoding_head(model: nn.Module) -> Iterator[None]:
-    """While the block runs, the LM head computes ``weight @ input^T`` instead of
-    ``F.linear``'s ``input @ weight^T`` (an ``nn.Linear`` head whose ``forward`` is not already
-    wrapped, e.g. by accelerate's offloading hooks; otherwise :func:`contiguous_head_input`).
-
-    Decoding feeds the head a few rows at a time, and the product is bound by reading its
-    ``[vocab, H]`` weight: on the CPU, 8 rows x 576 x 49k vocabulary took 8.0-9.3 ms this way
-    against 9.8-11.7 ms through ``F.linear`` in float32, 1.3-1.4 vs 2.9-3.1 ms in bf16 (``python
-    -m benchmarks.sampling --head-rows``, two runs). The logits come back as a transposed view;
-    ``generate`` copies the last position's into a fresh float32 tensor anyway."""
-    head = causal_lm_of(model).get_output_embeddings()
-    if not isinstance(head, nn.Linear) or "forward" in vars(head):
-        with contiguous_head_input(model):
-            yield
-        return
-    head.forward = _weight_first(head)
-    try:
-        yield
-    finally:
-        del head.forward  # the class's forward again
-
-
 def _contiguous_input(module: nn.Module, args: tuple) -> tuple:
     return (args[0].contiguous(), *args[1:])
 
@@ -167,7 +130,7 @@ def _generate(
     fields from the model's generation config and global defaults, which would make the
     sampling distribution differ from the one log-probs are computed under. A sharded model
     (FSDP) steps in lockstep on every rank until all ranks are done (``synced_gpus``). The
-    head runs weight-first (:func:`decoding_head`).
+    head's input is made contiguous (:func:`contiguous_head_input`).
     """
     config = GenerationConfig(
         do_sample=False,
@@ -180,7 +143,7 @@ def _generate(
         pad_token_id=pad_id,
         use_cache=True,
     )
-    with decoding_head(model):
+    with contiguous_head_input(model):
         out = model.generate(
             input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
             logits_processor=LogitsProcessorList([sampler]), synced_gpus=synced_generation(model),
