@@ -3,6 +3,7 @@
     python -m benchmarks.sampling            # ~5 s; prints milliseconds per draw
     python -m benchmarks.sampling --generate # + 64 tokens x 8 prompts on the medium model, ~1 min
     python -m benchmarks.sampling --head     # + the LM head on generate's strided prefill slice
+    python -m benchmarks.sampling --head-rows  # + the LM head on 64-512 positions a call
 
 Both draw one token per row from ``softmax(logits / 0.7)`` over a SmolLM2-sized vocabulary
 (49,152), temperature and softmax included (what ``generate``'s sampling step does per token).
@@ -84,6 +85,15 @@ def head_milliseconds(dtype: torch.dtype, repeats: int = 5) -> tuple[float, floa
                 milliseconds_per_call(lambda: torch.nn.functional.linear(strided.contiguous(), weight), repeats))
 
 
+def head_rows_milliseconds(rows: int, dtype: torch.dtype, repeats: int = 5) -> float:
+    """Milliseconds of a bias-free LM head (SmolLM2-sized, 576 x 49,152) on ``rows`` contiguous
+    ``[rows, 576]`` positions: one call of :func:`rlhf.ppo.rollout.response_logprobs`'s chunks."""
+    weight = torch.randn(49152, 576, dtype=dtype)
+    hidden = torch.randn(rows, 576, dtype=dtype)
+    with torch.no_grad():
+        return milliseconds_per_call(lambda: torch.nn.functional.linear(hidden, weight), repeats)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--vocab", type=int, default=49152)
@@ -91,6 +101,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=50)
     parser.add_argument("--generate", action="store_true", help="also time whole generations")
     parser.add_argument("--head", action="store_true", help="also time the LM head on a strided slice")
+    parser.add_argument("--head-rows", action="store_true",
+                        help="also time the LM head on 64-512 positions a call (response_logprobs' chunks)")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, vocabulary {args.vocab}")
@@ -107,6 +119,11 @@ def main(argv: list[str] | None = None) -> None:
         for dtype in (torch.float32, torch.bfloat16):
             strided, contiguous = head_milliseconds(dtype)
             print(f"  {dtype}: {strided:.1f} vs {contiguous:.1f}")
+    if args.head_rows:
+        print("\nLM head on contiguous positions (ms a call)\n| positions | float32 | bf16 |\n| --- | --- | --- |")
+        for rows in (64, 128, 256, 512):
+            print(f"| {rows} | {head_rows_milliseconds(rows, torch.float32):.1f} | "
+                  f"{head_rows_milliseconds(rows, torch.bfloat16):.1f} |")
     if args.generate:
         print(f"\n{PROMPTS} prompts x {NEW_TOKENS} new tokens, {GENERATION_SHAPE} model, LoRA on (s):")
         for name, values in generation_seconds().items():

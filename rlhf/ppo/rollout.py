@@ -29,9 +29,10 @@ from rlhf.ppo.settings import SamplingSettings
 from rlhf.ppo.timing import timed
 
 # Response positions per LM-head call in :func:`response_logprobs`. On the CPU the head's matmul
-# is bound by reading its ``[vocab, hidden]`` weight: 64 rows take about as long as 128 (49k x 576
-# float32, two threads: 23 vs 26 ms; bf16: 4.7 vs 6.8 ms), while the ``[positions, vocab]``
-# logits and log-softmax a call makes grow with it (128 x 49k float32: 24 MiB each).
+# is largely bound by reading its ``[vocab, hidden]`` weight: 128 positions cost 1.3-1.4x what 64
+# do (49k x 576, two threads: float32 24-31 vs 17-24 ms, bf16 7.0-8.9 vs 4.4-5.1 ms; ``python -m
+# benchmarks.sampling --head-rows``, three runs), 256 more than twice 128; the ``[positions,
+# vocab]`` logits a call makes grow with it (128 x 49k float32: 24 MiB).
 HEAD_CHUNK_POSITIONS = 128
 
 
