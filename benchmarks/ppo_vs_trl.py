@@ -94,12 +94,14 @@ def machine_info() -> dict[str, Any]:
 
 
 def source_commit() -> str | None:
-    """The repository's ``HEAD`` commit (``+dirty`` with uncommitted changes to tracked files),
-    or ``None`` outside a git checkout."""
+    """The repository's ``HEAD`` commit (``+dirty`` with uncommitted changes to tracked files
+    outside ``benchmarks/results/``, which earlier runs rewrite), or ``None`` outside a git
+    checkout."""
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True,
                               text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                ":(exclude)benchmarks/results"], cwd=REPO_ROOT,
                                capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return None

@@ -57,6 +57,14 @@ def test_source_commit_names_head_and_marks_uncommitted_changes(tmp_path, monkey
     head = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
     monkeypatch.setattr(bench, "REPO_ROOT", repo)
     assert bench.source_commit() == head
+    results = repo / "benchmarks" / "results"
+    results.mkdir(parents=True)
+    (results / "r.json").write_text("{}")
+    subprocess.run([*git, "add", "benchmarks"], check=True)
+    subprocess.run([*git, "commit", "-qm", "two"], check=True)
+    head = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    (results / "r.json").write_text('{"rewritten": 1}')  # a benchmark's own output: still clean
+    assert bench.source_commit() == head
     (repo / "f.txt").write_text("b\n")
     assert bench.source_commit() == head + "+dirty"
     monkeypatch.setattr(bench, "REPO_ROOT", tmp_path / "elsewhere")
