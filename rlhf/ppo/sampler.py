@@ -54,10 +54,10 @@ def draw_inverse_cdf(weights: torch.Tensor, generator: torch.Generator | None = 
     (non-negative, finite, a positive sum per row; unnormalised is fine).
 
     Inverse CDF: one uniform in ``[0, total)`` per row and the first index whose cumulative
-    weight exceeds it. Sums are float64, so even a token of probability ~1e-12 keeps its own
-    interval. In two levels: block sums (one pass over the row), their cumulative sum, then the
-    cumulative sum of the chosen block alone, instead of a float64 copy and cumulative sum of
-    the whole ``[B, V]``. A zero-weight index is never drawn.
+    weight exceeds it. In two levels: block sums (one pass over the row), their cumulative sum,
+    then the cumulative sum of the chosen block alone, instead of a float64 copy and cumulative
+    sum of the whole ``[B, V]``. The cumulative sums are float64, so even a token of probability
+    ~1e-12 keeps its own interval. A zero-weight index is never drawn.
     """
     rows, vocab = weights.shape
     blocks = -(-vocab // CDF_BLOCK)
