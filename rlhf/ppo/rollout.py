@@ -72,10 +72,10 @@ def response_logprobs(
         logps, entropies = [], []
         for lo in range(0, batch, rows_per_call):
             rows = predicting[lo : lo + rows_per_call]
-            flat = rows.reshape(-1, rows.shape[-1])  # [rows * R, hidden], a copy: contiguous
+            flat = rows.reshape(-1, rows.shape[-1])  # [rows * R, hidden], contiguous
             if fold:
                 flat = flat / temperature
-            logits = head(flat.contiguous()).view(rows.shape[0], length, -1)
+            logits = head(flat).view(rows.shape[0], length, -1)
             row_tokens = tokens[lo : lo + rows_per_call]
             if entropy:
                 logp, ent = logprobs_and_entropy(logits, row_tokens, logits_temperature, entropy_grad)
@@ -113,26 +113,31 @@ def contiguous_head_input(model: nn.Module) -> Iterator[None]:
             handle.remove()
 
 
-def _generate(
+@timed("generation")
+@torch.no_grad()
+def sample_responses(
     model: nn.Module,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     sampling: SamplingSettings,
     eos_id: int,
     pad_id: int,
-    sampler: InverseCDFSampler,
+    sampler: InverseCDFSampler | None = None,
 ) -> torch.Tensor:
-    """Sample responses ``[batch, R]`` (KV cache on, stop at EOS; finished rows padded).
+    """Sample responses ``[batch, R]`` to left-padded prompts ``[batch, P]`` (KV cache on, stop
+    at EOS; finished rows padded).
 
-    ``generate`` runs a greedy search whose only logits processor is ``sampler``, an
-    :class:`rlhf.ppo.sampler.InverseCDFSampler`: it applies the temperature, top-k and top-p
-    of ``sampling`` and draws the token (faster than ``generate``'s ``torch.multinomial``).
-    Every built-in processor is switched off explicitly: ``generate`` fills unset (``None``)
+    ``generate`` runs a greedy search whose only logits processor is ``sampler`` (default: an
+    :class:`rlhf.ppo.sampler.InverseCDFSampler` for ``sampling``): it applies the temperature,
+    top-k and top-p of ``sampling`` and draws the token (faster than ``generate``'s
+    ``torch.multinomial``). Every built-in processor is switched off explicitly: ``generate`` fills unset (``None``)
     fields from the model's generation config and global defaults, which would make the
     sampling distribution differ from the one log-probs are computed under. A sharded model
     (FSDP) steps in lockstep on every rank until all ranks are done (``synced_gpus``). The
     head's input is made contiguous (:func:`contiguous_head_input`).
     """
+    if sampler is None:
+        sampler = InverseCDFSampler(sampling.temperature, sampling.top_k, sampling.top_p)
     config = GenerationConfig(
         do_sample=False,
         num_beams=1,
@@ -150,22 +155,6 @@ def _generate(
             logits_processor=LogitsProcessorList([sampler]), synced_gpus=synced_generation(model),
         )
     return out[:, input_ids.shape[1] :]
-
-
-@timed("generation")
-@torch.no_grad()
-def sample_responses(
-    model: nn.Module,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    sampling: SamplingSettings,
-    eos_id: int,
-    pad_id: int,
-) -> torch.Tensor:
-    """Sample responses ``[batch, R]`` to left-padded prompts ``[batch, P]`` (KV cache on, stop
-    at EOS; finished rows padded); see :func:`_generate`."""
-    sampler = InverseCDFSampler(sampling.temperature, sampling.top_k, sampling.top_p)
-    return _generate(model, input_ids, attention_mask, sampling, eos_id, pad_id, sampler)
 
 
 @dataclass
@@ -190,7 +179,6 @@ class GenerationRecord:
         return GenerationRecord(self.logprobs[:, :length], self.entropy[:, :length], self.hidden[:, :length])
 
 
-@timed("generation")
 @torch.no_grad()
 def sample_and_record(
     model: nn.Module,
@@ -213,7 +201,7 @@ def sample_and_record(
     head = causal_lm_of(model).get_output_embeddings()
     handle = head.register_forward_pre_hook(keep_head_input)
     try:
-        responses = _generate(model, input_ids, attention_mask, sampling, eos_id, pad_id, sampler)
+        responses = sample_responses(model, input_ids, attention_mask, sampling, eos_id, pad_id, sampler)
     finally:
         handle.remove()
     logprobs, entropy = sampler.recorded()
