@@ -8,6 +8,7 @@ from torch.testing import assert_close
 
 from rlhf.ppo.losses import (
     entropy_from_logits,
+    head_logprobs,
     logprobs_and_entropy,
     logprobs_from_logits,
     policy_loss,
@@ -155,3 +156,65 @@ def test_logged_entropy_stays_out_of_the_graph():
     assert_close(ent, entropy_from_logits(logits.detach()))
     bf16 = logprobs_and_entropy(logits.detach().bfloat16(), tokens)
     assert all(x.dtype == torch.float32 for x in bf16)
+
+
+def _head_reference(hidden, weight, bias, tokens, temperature):
+    logp_all = torch.log_softmax(torch.nn.functional.linear(hidden, weight, bias) / temperature, -1)
+    return logp_all.gather(-1, tokens.unsqueeze(-1)).squeeze(-1), -(logp_all.exp() * logp_all).sum(-1)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_head_logprobs_match_head_then_log_softmax(temperature, with_bias):
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(6, 5, generator=g, dtype=torch.float64)
+    weight = torch.randn(13, 5, generator=g, dtype=torch.float64) * 2
+    bias = torch.randn(13, generator=g, dtype=torch.float64) if with_bias else None
+    tokens = torch.randint(0, 13, (6,), generator=g)
+    expected_logp, expected_entropy = _head_reference(hidden, weight, bias, tokens, temperature)
+    with torch.no_grad():
+        logp, entropy = head_logprobs(hidden, weight, bias, tokens, temperature, entropy=True)
+    assert_close(logp, expected_logp)
+    assert_close(entropy, expected_entropy)
+    assert head_logprobs(hidden, weight, bias, tokens, temperature)[1] is None
+    # d logp / d hidden, exact in float64 (gradcheck), and equal to autograd through the head
+    torch.autograd.gradcheck(
+        lambda h: head_logprobs(h, weight, bias, tokens, temperature)[0], (hidden.clone().requires_grad_(),)
+    )
+    mine, ref = hidden.clone().requires_grad_(), hidden.clone().requires_grad_()
+    weights = torch.randn(6, generator=g, dtype=torch.float64)
+    logp, entropy = head_logprobs(mine, weight, bias, tokens, temperature, entropy=True)
+    assert logp.requires_grad and not entropy.requires_grad  # the entropy never carries grad
+    assert_close(entropy, expected_entropy)
+    (logp * weights).sum().backward()
+    (_head_reference(ref, weight, bias, tokens, temperature)[0] * weights).sum().backward()
+    assert_close(mine.grad, ref.grad)
+
+
+def test_head_logprobs_bf16_under_autocast_and_a_near_one_hot_softmax():
+    g = torch.Generator().manual_seed(1)
+    hidden = torch.randn(8, 16, generator=g)
+    weight = torch.randn(50, 16, generator=g)
+    tokens = torch.randint(0, 50, (8,), generator=g)
+    tokens[0] = int((hidden[0] @ weight.T).argmax())
+    hidden[0] *= 30  # the softmax of row 0 is ~one-hot on its token: log-prob ~0, gradient ~0
+    low = hidden.bfloat16().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logp, _ = head_logprobs(low, weight.bfloat16(), None, tokens)
+    assert logp.dtype == torch.float32
+    logp.sum().backward()
+    assert low.grad.dtype == torch.bfloat16
+    ref = low.detach().float().requires_grad_()
+    expected, _ = _head_reference(ref, weight.bfloat16().float(), None, tokens, 1.0)
+    expected.sum().backward()
+    assert_close(logp, expected, atol=5e-2, rtol=1e-2)
+    assert_close(low.grad.float(), ref.grad, atol=5e-2, rtol=2e-2)
+    assert torch.isfinite(logp).all() and logp[0].abs() < 1e-2
+
+
+def test_head_logprobs_refuse_a_trained_head():
+    weight = torch.randn(7, 3, requires_grad=True)
+    with pytest.raises(ValueError, match="frozen head"):
+        head_logprobs(torch.randn(2, 3), weight, None, torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        head_logprobs(torch.randn(2, 3), weight.detach(), None, torch.tensor([0, 1]), 0.0)

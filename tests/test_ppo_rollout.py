@@ -9,13 +9,19 @@ from torch import nn
 from rlhf.models.forward import trunk_hidden
 from rlhf.models.loading import ModelSettings, load_causal_lm
 from rlhf.ppo import rollout
+from rlhf.ppo.losses import head_logprobs
 from rlhf.ppo.rollout import response_logprobs
 
 
 @pytest.mark.parametrize("chunk_positions", [1, 5, 12, 1000])  # 1, 1, 3 (and a remainder of 2), 5 rows a call
 @pytest.mark.parametrize("head_bias", [False, True])
-def test_response_logprobs_match_the_full_logits(monkeypatch, tiny_policy_dir, chunk_positions, head_bias):
+# "frozen": a frozen head and no entropy bonus take head_logprobs (the Jacobian path); an entropy
+# bonus ("entropy_grad") or a trained head takes the head + softmax path.
+@pytest.mark.parametrize("path", ["frozen", "entropy_grad", "trained_head"])
+def test_response_logprobs_match_the_full_logits(monkeypatch, tiny_policy_dir, chunk_positions, head_bias, path):
     monkeypatch.setattr(rollout, "HEAD_CHUNK_POSITIONS", chunk_positions)
+    calls = []
+    monkeypatch.setattr(rollout, "head_logprobs", lambda *a: calls.append(1) or head_logprobs(*a))
     torch.manual_seed(0)
     model = load_causal_lm(ModelSettings(str(tiny_policy_dir)))
     if head_bias:  # not linear: the temperature must divide the logits, not the head's input
@@ -25,6 +31,8 @@ def test_response_logprobs_match_the_full_logits(monkeypatch, tiny_policy_dir, c
             head.weight.copy_(tied)
             head.bias.normal_(std=2.0)
         model.set_output_embeddings(head)
+    model.requires_grad_(path == "trained_head")
+    entropy_grad = path == "entropy_grad"
     ids = torch.randint(3, 200, (5, 10))
     mask = torch.ones_like(ids)
     start, temperature = 6, 0.7
@@ -32,14 +40,22 @@ def test_response_logprobs_match_the_full_logits(monkeypatch, tiny_policy_dir, c
         features = trunk_hidden(model, ids, mask)
     hidden = features.clone().requires_grad_()
     logp, entropy = response_logprobs(model, hidden, start, ids[:, start:], temperature,
-                                      entropy=True, entropy_grad=True)
+                                      entropy=True, entropy_grad=entropy_grad)
+    assert entropy.requires_grad == entropy_grad
+    assert bool(calls) == (path == "frozen")
     (logp.sum() - 0.1 * entropy.sum()).backward()
+    head_grad = model.get_output_embeddings().weight.grad
+    if path == "trained_head":
+        assert head_grad is not None and head_grad.abs().sum() > 0
+        model.zero_grad()
 
     plain = features.clone().requires_grad_()
     full = F.log_softmax(model.get_output_embeddings()(plain[:, start - 1 : -1]) / temperature, dim=-1)
     expected_logp = full.gather(-1, ids[:, start:].unsqueeze(-1)).squeeze(-1)
     expected_entropy = -(full.exp() * full).sum(-1)
-    (expected_logp.sum() - 0.1 * expected_entropy.sum()).backward()
+    (expected_logp.sum() - 0.1 * (expected_entropy if entropy_grad else expected_entropy.detach()).sum()).backward()
+    if path == "trained_head":
+        torch.testing.assert_close(head_grad, model.get_output_embeddings().weight.grad, rtol=0, atol=2e-5)
 
     torch.testing.assert_close(logp, expected_logp, rtol=0, atol=2e-5)
     torch.testing.assert_close(entropy, expected_entropy, rtol=0, atol=2e-5)

@@ -20,6 +20,7 @@ from rlhf.distributed import root_forward, synced_generation
 from rlhf.models.forward import causal_lm_of, trunk_hidden
 from rlhf.ppo.losses import (
     check_temperature,
+    head_logprobs,
     logprobs_and_entropy,
     logprobs_from_logits,
 )
@@ -51,9 +52,11 @@ def response_logprobs(
     The hidden state at column ``t`` predicts token ``t + 1``, so response token ``i`` (column
     ``response_start + i``) is predicted from column ``response_start + i - 1``. The LM head runs
     on a few rows of the batch at a time (about :data:`HEAD_CHUNK_POSITIONS` positions, at least
-    one row): the ``[B, R, vocab]`` logits never exist at once, and in backward each chunk's
-    logit gradient is freed before the next (on a 49k vocabulary they are the update's largest
-    tensors). Each chunk's ``[rows * R, hidden]`` input is made contiguous, so ``nn.Linear``
+    one row): the ``[B, R, vocab]`` logits never exist at once (on a 49k vocabulary they are the
+    update's largest tensors). A frozen ``nn.Linear`` head without ``entropy_grad`` goes through
+    :func:`rlhf.ppo.losses.head_logprobs`, which keeps ``[rows * R, hidden]`` per chunk for
+    backward instead of the chunk's logits; otherwise the logits are kept, and in backward each
+    chunk's logit gradient is freed before the next. Each chunk's ``[rows * R, hidden]`` input is made contiguous, so ``nn.Linear``
     takes its plain matmul path. A head without a bias is linear, so the temperature divides
     its ``[rows * R, hidden]`` input instead of the ``vocab``-times larger logits (and their
     gradient). ``entropy_grad`` keeps the entropy in the autograd graph.
@@ -67,6 +70,15 @@ def response_logprobs(
     if fold:
         check_temperature(temperature)
     logits_temperature = 1.0 if fold else temperature
+    # A frozen plain nn.Linear head (the usual LoRA setup) goes through head_logprobs, which
+    # keeps [positions, hidden] for backward instead of the [positions, vocab] logits. A
+    # trained, quantised or adapter-wrapped head, or an entropy bonus, takes the head + softmax path.
+    frozen_linear = (
+        type(head) is nn.Linear
+        and not head.weight.requires_grad
+        and (head.bias is None or not head.bias.requires_grad)
+        and not entropy_grad
+    )
 
     def chunked() -> tuple[torch.Tensor, torch.Tensor | None]:
         logps, entropies = [], []
@@ -75,8 +87,14 @@ def response_logprobs(
             flat = rows.reshape(-1, rows.shape[-1])  # [rows * R, hidden], contiguous
             if fold:
                 flat = flat / temperature
-            logits = head(flat).view(rows.shape[0], length, -1)
             row_tokens = tokens[lo : lo + rows_per_call]
+            if frozen_linear:
+                logp, ent = head_logprobs(flat, head.weight, head.bias, row_tokens.reshape(-1), logits_temperature, entropy)
+                logps.append(logp.view(row_tokens.shape))
+                if entropy:
+                    entropies.append(ent.view(row_tokens.shape))
+                continue
+            logits = head(flat).view(rows.shape[0], length, -1)
             if entropy:
                 logp, ent = logprobs_and_entropy(logits, row_tokens, logits_temperature, entropy_grad)
                 entropies.append(ent)
