@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
+from rlhf.ppo import losses
 from rlhf.ppo.losses import (
     entropy_from_logits,
     head_logprobs,
@@ -191,7 +192,10 @@ def test_head_logprobs_match_head_then_log_softmax(temperature, with_bias):
     assert_close(mine.grad, ref.grad)
 
 
-def test_head_logprobs_bf16_under_autocast_and_a_near_one_hot_softmax():
+@pytest.mark.parametrize("vocab_block", [8192, 16, 7])  # one block; 4 blocks; 8 with a last one of 1 row
+@pytest.mark.parametrize("bf16_weight", [True, False])  # a bf16 weight, or a float32 one autocast casts
+def test_head_logprobs_bf16_under_autocast_and_a_near_one_hot_softmax(monkeypatch, vocab_block, bf16_weight):
+    monkeypatch.setattr(losses, "HEAD_VOCAB_BLOCK", vocab_block)
     g = torch.Generator().manual_seed(1)
     hidden = torch.randn(8, 16, generator=g)
     weight = torch.randn(50, 16, generator=g)
@@ -200,14 +204,15 @@ def test_head_logprobs_bf16_under_autocast_and_a_near_one_hot_softmax():
     hidden[0] *= 30  # the softmax of row 0 is ~one-hot on its token: log-prob ~0, gradient ~0
     low = hidden.bfloat16().requires_grad_()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        logp, _ = head_logprobs(low, weight.bfloat16(), None, tokens)
+        logp, entropy = head_logprobs(low, weight.bfloat16() if bf16_weight else weight, None, tokens, entropy=True)
     assert logp.dtype == torch.float32
     logp.sum().backward()
     assert low.grad.dtype == torch.bfloat16
     ref = low.detach().float().requires_grad_()
-    expected, _ = _head_reference(ref, weight.bfloat16().float(), None, tokens, 1.0)
+    expected, expected_entropy = _head_reference(ref, weight.bfloat16().float(), None, tokens, 1.0)
     expected.sum().backward()
     assert_close(logp, expected, atol=5e-2, rtol=1e-2)
+    assert_close(entropy, expected_entropy.detach(), atol=5e-2, rtol=1e-2)
     assert_close(low.grad.float(), ref.grad, atol=5e-2, rtol=2e-2)
     assert torch.isfinite(logp).all() and logp[0].abs() < 1e-2
 

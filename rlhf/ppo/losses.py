@@ -258,7 +258,8 @@ def head_logprobs(
     ``[n, H]``, made while the ``[n, V]`` logits exist, instead of the logits themselves: a
     ``V / H`` times smaller tensor (49k / 576 = 85x for SmolLM2), and backward makes no
     ``[n, V]`` tensor at all. The matmul that makes it is the one the head's backward would
-    have run. Raises ``ValueError`` when ``weight`` or ``bias`` requires grad (a trained head
+    have run. A half-precision matmul runs in blocks of :data:`HEAD_VOCAB_BLOCK` vocabulary
+    rows, so only the float32 ``[n, V]`` logits exist whole. Raises ``ValueError`` when ``weight`` or ``bias`` requires grad (a trained head
     needs the softmax in backward: use the head and :func:`logprobs_from_logits`).
     """
     check_temperature(temperature)
@@ -269,6 +270,47 @@ def head_logprobs(
     else:
         logp, ent, _ = _head_logprob_forward(hidden, weight, bias, tokens, temperature, entropy, False)
     return logp, (ent if entropy else None)
+
+
+# Vocabulary rows of the head's weight per matmul in :func:`head_logprobs` when the matmul runs
+# in half precision (bf16 weights, or autocast): the float32 ``[n, V]`` logits are filled one
+# block at a time, so the half-precision ``[n, V]`` logits (12 MiB for 128 x 49k) never exist
+# whole beside them (a block: 2 MiB), and the Jacobian's matmul reads the softmax one block at a time too.
+HEAD_VOCAB_BLOCK = 8192
+
+
+def _half_matmul(hidden: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether ``F.linear(hidden, weight)`` computes in float16 / bfloat16 here."""
+    device = hidden.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device) in (torch.float16, torch.bfloat16)
+    return weight.dtype in (torch.float16, torch.bfloat16)
+
+
+def _float_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, half: bool) -> torch.Tensor:
+    """``F.linear(hidden, weight, bias)`` ``[n, V]`` in float32 (float64 stays float64); a
+    half-precision matmul runs in blocks of :data:`HEAD_VOCAB_BLOCK` vocabulary rows."""
+    if not half:
+        return F.linear(hidden, weight, bias)
+    vocab = weight.shape[0]
+    z = torch.empty(hidden.shape[0], vocab, dtype=torch.float32, device=hidden.device)
+    for lo in range(0, vocab, HEAD_VOCAB_BLOCK):
+        hi = min(vocab, lo + HEAD_VOCAB_BLOCK)
+        z[:, lo:hi] = F.linear(hidden, weight[lo:hi], None if bias is None else bias[lo:hi])
+    return z
+
+
+def _softmax_matmul(coefficients: torch.Tensor, weight: torch.Tensor, half: bool) -> torch.Tensor:
+    """``coefficients @ weight``: ``[n, V] x [V, H] -> [n, H]``, float32; a half-precision
+    matmul runs in blocks of vocabulary rows (each block's coefficients cast to half on their
+    own) and sums the blocks in float32."""
+    if not half:
+        return coefficients @ weight
+    out = torch.zeros(coefficients.shape[0], weight.shape[1], dtype=torch.float32, device=coefficients.device)
+    for lo in range(0, weight.shape[0], HEAD_VOCAB_BLOCK):
+        hi = min(weight.shape[0], lo + HEAD_VOCAB_BLOCK)
+        out += coefficients[:, lo:hi].to(weight.dtype) @ weight[lo:hi]
+    return out
 
 
 def _head_logprob_forward(
@@ -282,8 +324,9 @@ def _head_logprob_forward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """:func:`head_logprobs`' arithmetic: log-probs ``[n]``, entropies ``[n]`` (empty unless
     ``entropy``) and, with ``jacobian``, ``(onehot - softmax) @ weight / T`` ``[n, H]``. Works
-    in place on one float copy of the ``[n, V]`` logits (two with ``entropy``)."""
-    z = _float(F.linear(hidden, weight, bias))  # [n, V]; the float copy frees bf16 logits
+    in place on the float32 ``[n, V]`` logits (and one more ``[n, V]`` buffer with ``entropy``)."""
+    half = _half_matmul(hidden, weight)
+    z = _float_logits(hidden, weight, bias, half)  # [n, V]
     if temperature != 1.0:
         z = z.div_(temperature)
     index = tokens.long().unsqueeze(-1)
@@ -305,7 +348,7 @@ def _head_logprob_forward(
         minus_p.scatter_add_(-1, index, torch.ones_like(token_z).unsqueeze(-1))
         if temperature != 1.0:
             minus_p.div_(temperature)
-        jac = minus_p.to(weight.dtype) @ weight  # [n, H]; under autocast in its dtype
+        jac = _softmax_matmul(minus_p, weight, half)  # [n, H]
     return logp, ent, jac
 
 
