@@ -68,3 +68,21 @@ def test_response_logprobs_reject_a_non_positive_temperature(tiny_policy_dir):
     hidden = trunk_hidden(model, ids, torch.ones_like(ids))
     with pytest.raises(ValueError, match="temperature must be > 0"):
         response_logprobs(model, hidden, 3, ids[:, 3:], 0.0)
+
+
+@pytest.mark.parametrize("precision", ["float32", "bf16_autocast", "bf16_weights"])
+def test_response_logprobs_chunk_size_follows_the_head_matmul_precision(monkeypatch, tiny_policy_dir, precision):
+    """Half-precision head matmuls take :data:`HEAD_CHUNK_POSITIONS_HALF` positions a call."""
+    monkeypatch.setattr(rollout, "HEAD_CHUNK_POSITIONS", 8)  # 2 rows of 4 response tokens a call
+    monkeypatch.setattr(rollout, "HEAD_CHUNK_POSITIONS_HALF", 4)  # 1 row a call
+    positions = []
+    monkeypatch.setattr(rollout, "head_logprobs", lambda h, *a: positions.append(h.shape[0]) or head_logprobs(h, *a))
+    model = load_causal_lm(ModelSettings(str(tiny_policy_dir))).requires_grad_(False)
+    if precision == "bf16_weights":
+        model = model.to(torch.bfloat16)
+    ids = torch.randint(3, 200, (5, 10))
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16_autocast"):
+        hidden = trunk_hidden(model, ids, torch.ones_like(ids))
+        logp, _ = response_logprobs(model, hidden, 6, ids[:, 6:], 1.0)
+    assert positions == ([8, 8, 4] if precision == "float32" else [4] * 5)
+    assert logp.shape == (5, 4) and torch.isfinite(logp).all()

@@ -15,6 +15,7 @@ from rlhf.ppo.masks import _bool_mask, masked_mean
 __all__ = [
     "check_temperature",
     "entropy_from_logits",
+    "half_precision_matmul",
     "head_logprobs",
     "logprobs_and_entropy",
     "logprobs_from_logits",
@@ -279,7 +280,7 @@ def head_logprobs(
 HEAD_VOCAB_BLOCK = 8192
 
 
-def _half_matmul(hidden: torch.Tensor, weight: torch.Tensor) -> bool:
+def half_precision_matmul(hidden: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether ``F.linear(hidden, weight)`` computes in float16 / bfloat16 here."""
     device = hidden.device.type
     if torch.is_autocast_enabled(device):
@@ -325,7 +326,7 @@ def _head_logprob_forward(
     """:func:`head_logprobs`' arithmetic: log-probs ``[n]``, entropies ``[n]`` (empty unless
     ``entropy``) and, with ``jacobian``, ``(onehot - softmax) @ weight / T`` ``[n, H]``. Works
     in place on the float32 ``[n, V]`` logits (and one more ``[n, V]`` buffer with ``entropy``)."""
-    half = _half_matmul(hidden, weight)
+    half = half_precision_matmul(hidden, weight)
     z = _float_logits(hidden, weight, bias, half)  # [n, V]
     if temperature != 1.0:
         z = z.div_(temperature)

@@ -20,6 +20,7 @@ from rlhf.distributed import root_forward, synced_generation
 from rlhf.models.forward import causal_lm_of, trunk_hidden
 from rlhf.ppo.losses import (
     check_temperature,
+    half_precision_matmul,
     head_logprobs,
     logprobs_and_entropy,
     logprobs_from_logits,
@@ -35,6 +36,12 @@ from rlhf.ppo.timing import timed
 # benchmarks.sampling --head-rows``, three runs), 256 more than twice 128; the ``[positions,
 # vocab]`` logits a call makes grow with it (128 x 49k float32: 24 MiB).
 HEAD_CHUNK_POSITIONS = 128
+# The same when the head's matmul runs in float16 / bfloat16: the softmax is still float32, so a
+# call's float32 buffer is twice the logits the matmul makes, and two calls of 64 cost ~1.15x one
+# of 128 (the bf16 timings above). Ours, bf16, small model, 32 tokens (``python -m
+# benchmarks.ppo_vs_trl --precision bf16 --trainers ours --sizes small``, two runs each): peak
+# RSS 722-730 MiB at 128 positions, 698-701 at 64, seconds per iteration unchanged.
+HEAD_CHUNK_POSITIONS_HALF = 64
 
 
 def response_logprobs(
@@ -51,21 +58,25 @@ def response_logprobs(
 
     The hidden state at column ``t`` predicts token ``t + 1``, so response token ``i`` (column
     ``response_start + i``) is predicted from column ``response_start + i - 1``. The LM head runs
-    on a few rows of the batch at a time (about :data:`HEAD_CHUNK_POSITIONS` positions, at least
-    one row): the ``[B, R, vocab]`` logits never exist at once (on a 49k vocabulary they are the
-    update's largest tensors). A frozen ``nn.Linear`` head without ``entropy_grad`` goes through
+    on a few rows of the batch at a time (about :data:`HEAD_CHUNK_POSITIONS` positions, or
+    :data:`HEAD_CHUNK_POSITIONS_HALF` when its matmul runs in half precision; at least one row):
+    the ``[B, R, vocab]`` logits never exist at once (on a 49k vocabulary they are the update's
+    largest tensors). A frozen ``nn.Linear`` head without ``entropy_grad`` goes through
     :func:`rlhf.ppo.losses.head_logprobs`, which keeps ``[rows * R, hidden]`` per chunk for
     backward instead of the chunk's logits; otherwise the logits are kept, and in backward each
-    chunk's logit gradient is freed before the next. Each chunk's ``[rows * R, hidden]`` input is made contiguous, so ``nn.Linear``
-    takes its plain matmul path. A head without a bias is linear, so the temperature divides
-    its ``[rows * R, hidden]`` input instead of the ``vocab``-times larger logits (and their
-    gradient). ``entropy_grad`` keeps the entropy in the autograd graph.
+    chunk's logit gradient is freed before the next. Each chunk's ``[rows * R, hidden]`` input is
+    made contiguous, so ``nn.Linear`` takes its plain matmul path. A head without a bias is
+    linear, so the temperature divides its ``[rows * R, hidden]`` input instead of the
+    ``vocab``-times larger logits (and their gradient). ``entropy_grad`` keeps the entropy in the
+    autograd graph.
     """
     lm = causal_lm_of(model)
     head = lm.get_output_embeddings()
     predicting = hidden[:, response_start - 1 : -1]
     batch, length = tokens.shape
-    rows_per_call = max(1, HEAD_CHUNK_POSITIONS // max(1, length))
+    weight = getattr(head, "weight", None)
+    half = isinstance(weight, torch.Tensor) and half_precision_matmul(hidden, weight)
+    rows_per_call = max(1, (HEAD_CHUNK_POSITIONS_HALF if half else HEAD_CHUNK_POSITIONS) // max(1, length))
     fold = temperature != 1.0 and isinstance(head, nn.Linear) and head.bias is None
     if fold:
         check_temperature(temperature)
