@@ -40,7 +40,7 @@ HEAD_CHUNK_POSITIONS = 128
 # call's float32 buffer is twice the logits the matmul makes, and two calls of 64 cost ~1.15x one
 # of 128 (the bf16 timings above). Ours, bf16, small model, 32 tokens (``python -m
 # benchmarks.ppo_vs_trl --precision bf16 --trainers ours --sizes small``, two runs each): peak
-# RSS 722-730 MiB at 128 positions, 698-701 at 64, seconds per iteration unchanged.
+# RSS 724-725 MiB at 128 positions, 698-701 at 64, seconds per iteration unchanged.
 HEAD_CHUNK_POSITIONS_HALF = 64
 
 
