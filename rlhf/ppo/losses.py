@@ -260,8 +260,9 @@ def head_logprobs(
     ``V / H`` times smaller tensor (49k / 576 = 85x for SmolLM2), and backward makes no
     ``[n, V]`` tensor at all. The matmul that makes it is the one the head's backward would
     have run. A half-precision matmul runs in blocks of :data:`HEAD_VOCAB_BLOCK` vocabulary
-    rows, so only the float32 ``[n, V]`` logits exist whole. Raises ``ValueError`` when ``weight`` or ``bias`` requires grad (a trained head
-    needs the softmax in backward: use the head and :func:`logprobs_from_logits`).
+    rows, so only the float32 ``[n, V]`` logits exist whole. Raises ``ValueError`` when
+    ``weight`` or ``bias`` requires grad (a trained head needs the softmax in backward: use the
+    head and :func:`logprobs_from_logits`).
     """
     check_temperature(temperature)
     if weight.requires_grad or (bias is not None and bias.requires_grad):
@@ -276,7 +277,8 @@ def head_logprobs(
 # Vocabulary rows of the head's weight per matmul in :func:`head_logprobs` when the matmul runs
 # in half precision (bf16 weights, or autocast): the float32 ``[n, V]`` logits are filled one
 # block at a time, so the half-precision ``[n, V]`` logits (12 MiB for 128 x 49k) never exist
-# whole beside them (a block: 2 MiB), and the Jacobian's matmul reads the softmax one block at a time too.
+# whole beside them (a block: 2 MiB), and the Jacobian's matmul reads the softmax one block at
+# a time too.
 HEAD_VOCAB_BLOCK = 8192
 
 
