@@ -276,15 +276,22 @@ class PPOModule(StageModule):
         logp, entropies = response_logprobs(
             self.model, hidden, start, input_ids[:, start:], self.sampling.temperature, entropy, entropy_grad
         )
-        values = None
-        if self.uses_critic:
-            if self.critic == "adapter":
-                values = self.adapter_values(input_ids, attention_mask, start)
-            else:
-                # The shared head reads the policy's features without moving them: value-loss
-                # gradients (returns can be large) never reach the policy adapter.
-                values = self._values_from(hidden.detach()[:, start - 1 : -1])
+        values = self.critic_values(input_ids, attention_mask, start, hidden[:, start - 1 : -1])
         return logp, values, entropies
+
+    def critic_values(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, start: int, response_hidden: torch.Tensor
+    ) -> torch.Tensor | None:
+        """Values ``[B, R]`` of the critic (``None`` without one): an ``adapter`` critic's own
+        trunk pass, or the shared head on the policy's hidden states ``response_hidden``
+        ``[B, R, hidden]`` (those that predict the response tokens)."""
+        if not self.uses_critic:
+            return None
+        if self.critic == "adapter":
+            return self.adapter_values(input_ids, attention_mask, start)
+        # The shared head reads the policy's features without moving them: value-loss
+        # gradients (returns can be large) never reach the policy adapter.
+        return self._values_from(response_hidden.detach())
 
     def adapter_values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, start: int) -> torch.Tensor:
         """Values ``[B, R]`` of an ``adapter`` critic: a trunk pass with the value adapter on."""
@@ -357,10 +364,8 @@ class PPOModule(StageModule):
             # at the default entropy_coef 0 the update then makes no [R, vocab] exp.
             if from_generation:
                 record = record.trimmed(response_mask.shape[1])
-                logprobs, entropy, values = record.logprobs, record.entropy, None
-                if self.uses_critic:
-                    values = (self.adapter_values(input_ids, attention_mask, start) if self.critic == "adapter"
-                              else self._values_from(record.hidden))
+                logprobs, entropy = record.logprobs, record.entropy
+                values = self.critic_values(input_ids, attention_mask, start, record.hidden)
             else:
                 logprobs, values, entropy = self.policy_forward(input_ids, attention_mask, start, entropy=True)
         with phase("reference"):
