@@ -73,7 +73,8 @@ def separate_models_module():
     from rlhf.models.forward import disable_dropout
     from rlhf.models.loading import apply_lora, load_causal_lm
     from rlhf.ppo.module import POLICY, VALUE, PPOModule
-    from rlhf.ppo.rollout import response_logprobs, trunk_hidden
+    from rlhf.models.forward import trunk_hidden
+    from rlhf.models.logprobs import response_logprobs
 
     class SeparateModelsPPO(PPOModule):
         """Policy, reference, critic and reward as four models; the maths is PPOModule's."""
@@ -118,7 +119,8 @@ def run_layout(spec: MemorySpec) -> dict[str, Any]:
     from benchmarks.loop_parts import FixedPrompts, StepClock
     from rlhf.models.loading import LoraSettings, ModelSettings
     from rlhf.ppo.module import PPOModule
-    from rlhf.ppo.settings import RewardSettings, SamplingSettings, UpdateSettings
+    from rlhf.generation import SamplingSettings
+    from rlhf.ppo.settings import RewardSettings, UpdateSettings
 
     rows = json.loads(Path(spec.prompts).read_text())["rows"]
     import_rss = peak_rss_bytes()

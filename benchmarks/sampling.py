@@ -9,10 +9,10 @@ Both draw one token per row from ``softmax(logits / 0.7)`` over a SmolLM2-sized 
 (49,152), temperature and softmax included (what ``generate``'s sampling step does per token).
 ``--generate`` also times whole generations with the benchmark's random ``medium`` Llama
 (LoRA on): ``generate``'s own sampling (``do_sample=True``, ``torch.multinomial``) against
-:func:`rlhf.ppo.rollout.sample_responses`. Nothing is written: the numbers explain lines of the
+:func:`rlhf.generation.sample_responses`. Nothing is written: the numbers explain lines of the
 README, they are not a target. ``--head`` times a bias-free ``F.linear`` over a SmolLM2-sized
 head (576 x 49,152) on ``hidden[:, -1:, :]`` of ``[8, 48, 576]``, as ``generate``'s prefill
-calls it, against the same slice made contiguous (:func:`rlhf.ppo.rollout.contiguous_head_input`).
+calls it, against the same slice made contiguous (:func:`rlhf.generation.responses.contiguous_head_input`).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from collections.abc import Callable
 
 import torch
 
-from rlhf.ppo.sampler import sample_from_logits
+from rlhf.generation.sampler import sample_from_logits
 
 GENERATION_SHAPE = "medium"
 PROMPTS, PROMPT_TOKENS, NEW_TOKENS = 8, 64, 64
@@ -46,8 +46,7 @@ def generation_seconds(repeats: int = 3) -> dict[str, list[float]]:
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
     from benchmarks.assets import LORA_TARGETS, SIZES
-    from rlhf.ppo.rollout import sample_responses
-    from rlhf.ppo.settings import SamplingSettings
+    from rlhf.generation import SamplingSettings, sample_responses
 
     shape = SIZES[GENERATION_SHAPE]
     config = LlamaConfig(vocab_size=49152, hidden_size=shape.hidden, num_hidden_layers=shape.layers,
@@ -87,7 +86,7 @@ def head_milliseconds(dtype: torch.dtype, repeats: int = 5) -> tuple[float, floa
 
 def head_rows_milliseconds(rows: int, dtype: torch.dtype, repeats: int = 5) -> float:
     """Milliseconds of a bias-free LM head (SmolLM2-sized, 576 x 49,152) on ``rows`` contiguous
-    ``[rows, 576]`` positions: one call of :func:`rlhf.ppo.rollout.response_logprobs`'s chunks."""
+    ``[rows, 576]`` positions: one call of :func:`rlhf.models.logprobs.response_logprobs`'s chunks."""
     weight = torch.randn(49152, 576, dtype=dtype)
     hidden = torch.randn(rows, 576, dtype=dtype)
     with torch.no_grad():

@@ -70,15 +70,16 @@ def load_prompts(path: str) -> list[list[int]]:
 # -- ours ------------------------------------------------------------------------------------
 def run_ours(spec: RunSpec) -> dict[str, Any]:
     """Fit :class:`rlhf.ppo.PPOModule` for ``warmup + iterations`` iterations; per-iteration
-    wall time, phase breakdown (:mod:`rlhf.ppo.timing`) and generated tokens."""
+    wall time, phase breakdown (:mod:`rlhf.timing`) and generated tokens."""
     import lightning as L
     import torch
 
     from benchmarks.loop_parts import FixedPrompts, StepClock
     from rlhf.models.loading import LoraSettings, ModelSettings
     from rlhf.ppo.module import PPOModule
-    from rlhf.ppo.settings import KLSettings, RewardSettings, SamplingSettings, UpdateSettings
-    from rlhf.ppo.timing import PhaseTimesRecorder
+    from rlhf.generation import SamplingSettings
+    from rlhf.ppo.settings import KLSettings, RewardSettings, UpdateSettings
+    from rlhf.timing import PhaseTimesRecorder
 
     import_rss = peak_rss_bytes()
     rows = load_prompts(spec.prompts)

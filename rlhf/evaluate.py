@@ -49,7 +49,7 @@ from rlhf.policies import (
     same_model,
     sampling_from_args,
 )
-from rlhf.ppo.settings import SamplingSettings
+from rlhf.generation import SamplingSettings
 
 log = logging.getLogger("rlhf.evaluate")
 

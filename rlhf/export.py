@@ -45,7 +45,7 @@ from rlhf.policies import (
     resolve_model_dir,
     sampling_from_args,
 )
-from rlhf.ppo.settings import SamplingSettings
+from rlhf.generation import SamplingSettings
 
 log = logging.getLogger("rlhf.export")
 

@@ -21,9 +21,9 @@ from rlhf.data.records import Conversation
 from rlhf.data.sources import DataSource
 from rlhf.models.loading import ModelSettings, load_causal_lm, resolve_dtype
 from rlhf.outputs import read_stage_marker
-from rlhf.ppo.masks import masked_sum
-from rlhf.ppo.rollout import assemble_sequences, sample_responses, sequence_logprobs
-from rlhf.ppo.settings import SamplingSettings
+from rlhf.generation import SamplingSettings, assemble_sequences, sample_responses
+from rlhf.masks import masked_sum
+from rlhf.models.logprobs import sequence_logprobs
 
 
 def resolve_model_dir(path: str | os.PathLike) -> str:

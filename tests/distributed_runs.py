@@ -209,7 +209,8 @@ def unsharded_ppo_from_outputs(policy: Path, reward_model: Path, out: Path) -> A
 
     from rlhf.models.loading import LoraSettings, ModelSettings
     from rlhf.ppo import PPOModule
-    from rlhf.ppo.settings import RewardSettings, SamplingSettings
+    from rlhf.generation import SamplingSettings
+    from rlhf.ppo.settings import RewardSettings
 
     module = PPOModule(ModelSettings(str(policy), lora=LoraSettings(r=4)),
                        reward=RewardSettings(model=str(reward_model)),

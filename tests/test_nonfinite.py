@@ -14,9 +14,10 @@ from resume_runs import one_thread
 from rlhf.data.datamodules import PromptDataModule
 from rlhf.data.sources import DataSource
 from rlhf.models.loading import LoraSettings, ModelSettings
-from rlhf.ppo.guards import NonFiniteError, NonFiniteGuard, gradients_finite, nonfinite_names
+from rlhf.guards import NonFiniteError, NonFiniteGuard, gradients_finite, nonfinite_names
 from rlhf.ppo.module import PPOModule
-from rlhf.ppo.settings import SamplingSettings, UpdateSettings
+from rlhf.generation import SamplingSettings
+from rlhf.ppo.settings import UpdateSettings
 
 NAN = float("nan")
 

@@ -1,4 +1,4 @@
-"""Hand-computed checks for rlhf.ppo.advantages and rlhf.ppo.masks."""
+"""Hand-computed checks for rlhf.ppo.advantages and rlhf.masks."""
 
 import math
 
@@ -14,7 +14,7 @@ from rlhf.ppo.advantages import (
     rloo_advantages,
     sequence_to_token_advantages,
 )
-from rlhf.ppo.masks import (
+from rlhf.masks import (
     last_valid_index,
     masked_mean,
     masked_sum,

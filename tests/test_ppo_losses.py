@@ -1,4 +1,4 @@
-"""Hand-computed checks for rlhf.ppo.losses."""
+"""Hand-computed checks for rlhf.ppo.losses and the log-prob kernels of rlhf.models.logprobs."""
 
 import math
 
@@ -6,15 +6,9 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from rlhf.ppo import losses
-from rlhf.ppo.losses import (
-    entropy_from_logits,
-    head_logprobs,
-    logprobs_and_entropy,
-    logprobs_from_logits,
-    policy_loss,
-    value_loss,
-)
+from rlhf.models import logprobs as losses
+from rlhf.models.logprobs import entropy_from_logits, head_logprobs, logprobs_and_entropy, logprobs_from_logits
+from rlhf.ppo.losses import policy_loss, value_loss
 
 T = torch.tensor
 

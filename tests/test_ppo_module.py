@@ -12,8 +12,9 @@ from rlhf.data.sources import DataSource
 from rlhf.models.loading import LoraSettings, ModelSettings, load_causal_lm
 from rlhf.ppo.module import PPOModule
 from rlhf.models.forward import position_ids_from_mask
-from rlhf.ppo.losses import logprobs_from_logits
-from rlhf.ppo.settings import KLSettings, SamplingSettings, UpdateSettings
+from rlhf.generation import SamplingSettings
+from rlhf.models.logprobs import logprobs_from_logits
+from rlhf.ppo.settings import KLSettings, UpdateSettings
 
 
 class TokenCountScorer:

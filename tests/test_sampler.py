@@ -5,8 +5,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from rlhf.ppo.rollout import sample_responses
-from rlhf.ppo.sampler import (
+from rlhf.generation import SamplingSettings, sample_responses
+from rlhf.generation.sampler import (
     CDF_BLOCK,
     InverseCDFSampler,
     draw_inverse_cdf,
@@ -14,7 +14,6 @@ from rlhf.ppo.sampler import (
     sample_from_logits,
     tempered_logprob_and_entropy,
 )
-from rlhf.ppo.settings import SamplingSettings
 
 LOGITS = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0])
 

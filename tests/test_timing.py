@@ -6,8 +6,8 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from rlhf.ppo import timing
-from rlhf.ppo.timing import PhaseTimesLogger, phase
+from rlhf import timing
+from rlhf.timing import PhaseTimesLogger, phase
 
 
 class Sleeper(L.LightningModule):

@@ -118,7 +118,7 @@ def resolve_dtype(name: str, precision: str | None = None) -> torch.dtype:
     precision such as ``bf16-mixed``) is a bf16 one; else float32. Pass ``precision`` only for
     weights that stay frozen: bf16 autocast re-casts a float32 weight that does not require
     grad on every forward (its cast cache keeps only trainable leaves), which on a CPU makes
-    memory-bound decoding ~1.5x slower than with bf16 weights; trained weights stay float32.
+    memory-bound decoding slower than with bf16 weights; trained weights stay float32.
     """
     if isinstance(name, torch.dtype):
         return name

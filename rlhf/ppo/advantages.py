@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from rlhf.ppo.masks import _bool_mask, masked_var
+from rlhf.masks import bool_mask, masked_var
 
 __all__ = [
     "gae",
@@ -57,9 +57,9 @@ def gae(
     Returns:
         ``(advantages, returns)``, both ``[b, t]`` with ``returns = advantages + values``;
         ``0`` at invalid positions.  Advantages are not whitened (use
-        :func:`rlhf.ppo.masks.masked_whiten`).
+        :func:`rlhf.masks.masked_whiten`).
     """
-    m = _bool_mask(mask, rewards)
+    m = bool_mask(mask, rewards)
     zero = torch.zeros((), dtype=rewards.dtype, device=rewards.device)
     r = torch.where(m, rewards, zero)
     v = torch.where(m, values.to(rewards.dtype), zero)

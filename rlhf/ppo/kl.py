@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 import torch
 
-from rlhf.ppo.masks import _bool_mask, last_valid_index
+from rlhf.masks import bool_mask, last_valid_index
 
 __all__ = [
     "kl_estimate",
@@ -46,7 +46,7 @@ def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, kind: KLKind = "k1")
 
     Returns:
         ``[b, t]`` per-token estimate (not masked: mask it yourself, e.g. with
-        :func:`per_token_rewards` or :func:`rlhf.ppo.masks.masked_mean`).
+        :func:`per_token_rewards` or :func:`rlhf.masks.masked_mean`).
     """
     log_r = logp - ref_logp
     if kind == "k1":
@@ -79,7 +79,7 @@ def per_token_rewards(
     Returns:
         ``[b, t]`` rewards in ``kl``'s dtype; ``0`` at invalid positions.
     """
-    m = _bool_mask(mask, kl)
+    m = bool_mask(mask, kl)
     zero = torch.zeros((), dtype=kl.dtype, device=kl.device)
     rewards = torch.where(m, -beta * kl, zero)
     last = last_valid_index(m)

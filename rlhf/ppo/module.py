@@ -13,7 +13,7 @@ Per iteration (CleanRL-style, every step visible here):
 
 A minibatch update with non-finite rewards, advantages, returns, loss or gradient is skipped
 and counted (``nonfinite/skipped``); ``update.max_nonfinite_steps`` such updates in a row stop
-the run (:mod:`rlhf.ppo.guards`). Checkpoints carry the KL controller, the iteration and these
+the run (:mod:`rlhf.guards`). Checkpoints carry the KL controller, the iteration and these
 counts; RNG, data position and logger identity are :mod:`rlhf.resume`'s.
 """
 
@@ -43,21 +43,16 @@ from rlhf.ppo.advantages import (
     rloo_advantages,
     sequence_to_token_advantages,
 )
-from rlhf.ppo.guards import NonFiniteGuard, gradients_finite, join_names, nonfinite_names
+from rlhf.generation import SamplingSettings, Scorer, assemble_sequences, sample_and_record, sample_responses
+from rlhf.guards import NonFiniteGuard, gradients_finite, join_names, nonfinite_names
+from rlhf.masks import masked_mean, masked_sum, masked_whiten
+from rlhf.models.forward import trunk_hidden
+from rlhf.models.logprobs import response_logprobs
 from rlhf.ppo.kl import AdaptiveKLController, FixedKLController, kl_estimate, per_token_rewards
 from rlhf.ppo.losses import policy_loss, value_loss
-from rlhf.ppo.masks import masked_mean, masked_sum, masked_whiten
-from rlhf.ppo.rollout import (
-    Rollout,
-    Scorer,
-    assemble_sequences,
-    response_logprobs,
-    sample_and_record,
-    sample_responses,
-    trunk_hidden,
-)
-from rlhf.ppo.settings import KLSettings, RewardSettings, SamplingSettings, UpdateSettings
-from rlhf.ppo.timing import phase, timed
+from rlhf.ppo.rollout import Rollout
+from rlhf.ppo.settings import KLSettings, RewardSettings, UpdateSettings
+from rlhf.timing import phase, timed
 from rlhf.stage import StageModule
 
 log = logging.getLogger("rlhf.ppo")
@@ -464,7 +459,7 @@ class PPOModule(StageModule):
     def ppo_update(self, rollout: Rollout) -> dict[str, float]:
         """``ppo_epochs`` passes over shuffled minibatches; returns the mean of each stat over
         the updates made, and ``skipped``: minibatch updates skipped because something was not
-        finite (see :class:`rlhf.ppo.guards.NonFiniteGuard`; the LR schedule still moves on)."""
+        finite (see :class:`rlhf.guards.NonFiniteGuard`; the LR schedule still moves on)."""
         u = self.update_settings
         optimizer = self.optimizers()
         scheduler = self.lr_schedulers()

@@ -9,8 +9,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from rlhf.generation import Scorer
+from rlhf.models.forward import trunk_hidden
 from rlhf.models.loading import ModelSettings
-from rlhf.ppo.rollout import Scorer, trunk_hidden
 from rlhf.ppo.settings import RewardSettings
 from rlhf.rm.model import last_token_index, load_reward_model, read_reward_model_info
 

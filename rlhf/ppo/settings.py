@@ -1,29 +1,10 @@
-"""Typed PPO settings, grouped the way the algorithm is: sampling, reward, KL, updates."""
+"""Typed PPO settings, grouped the way the algorithm is: reward, KL, updates (sampling is
+:class:`rlhf.generation.SamplingSettings`)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Literal
-
-
-@dataclass
-class SamplingSettings:
-    """How responses are sampled. The same temperature scales logits when log-probs are
-    recomputed, so sampling and scoring see one distribution (top-k/top-p only restrict
-    which tokens can be drawn)."""
-
-    max_new_tokens: int = 64
-    temperature: float = 0.7
-    top_k: int = 0
-    top_p: float = 1.0
-
-    def __post_init__(self) -> None:
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0 (got {self.temperature})")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1] (got {self.top_p})")
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1 (got {self.max_new_tokens})")
 
 
 @dataclass
@@ -90,10 +71,9 @@ class UpdateSettings:
             sequences, the update's own computation, so the first epoch's ratios start at
             exactly 1 and the KL at a zero-initialised adapter is exactly 0. ``auto``:
             ``generation`` when the policy computes in float32 without autocast, where the two
-            differ by float rounding (~2e-6 per token measured on the benchmark's medium
-            model), else ``recompute``: under bf16 they differed by 5e-3 per token on average
-            (up to 2e-2), which would show as KL at the first iteration. An ``adapter``
-            critic always makes its own value pass.
+            differ only by float rounding, else ``recompute``: in half precision the KV-cached
+            and full passes differ enough to show as KL at the first iteration (measured in
+            docs/performance-notes.md). An ``adapter`` critic always makes its own value pass.
     """
 
     ppo_epochs: int = 4

@@ -1,14 +1,11 @@
 """Drawing the next token: temperature, top-k and top-p, then one inverse-CDF draw per row.
 
 ``torch.multinomial`` on a ``[B, vocab]`` probability table draws one exponential variate per
-vocabulary entry. With the temperature and softmax included, a draw over a 49k vocabulary took
-6.9-8.6 ms for 8 rows (30-37 ms for 32 rows) on the 2-core CPU. Inverse-CDF sampling draws from
-the same distribution with one uniform per row and a binary search over cumulative sums: with a
-float64 cumulative sum of the whole row, 2.5-3.2 ms (6.9-10.8 ms); with the two-level sums of
-:func:`draw_inverse_cdf`, 0.34-0.46 ms (2.3-5.9 ms) (``python -m benchmarks.sampling``, three
-runs each). Generating 64 tokens for 8 prompts with the benchmark's medium model (LoRA on):
-3.20-3.57 s with ``generate``'s own sampling, 2.79-3.11 s with the whole-row sums
-(``python -m benchmarks.sampling --generate``, two runs).
+vocabulary entry. Inverse-CDF sampling draws from the same distribution with one uniform per row
+and a binary search over cumulative sums, which :func:`draw_inverse_cdf` keeps in two levels
+(float32 sums of blocks, float64 cumulative sums of the block sums and of the chosen block) so
+no float64 copy of a whole row is made. ``python -m benchmarks.sampling`` compares the two;
+the measurements are in docs/performance-notes.md.
 
 :class:`InverseCDFSampler` plugs this into ``transformers``' ``generate`` as the last logits
 processor of a *greedy* search: it draws the token itself and hands back scores that are
@@ -22,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from transformers import LogitsProcessor
 
-from rlhf.ppo.losses import check_temperature
+from rlhf.models.logprobs import check_temperature
 
 
 def filter_logits(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:

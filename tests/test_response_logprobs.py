@@ -8,9 +8,8 @@ from torch import nn
 
 from rlhf.models.forward import trunk_hidden
 from rlhf.models.loading import ModelSettings, load_causal_lm
-from rlhf.ppo import rollout
-from rlhf.ppo.losses import head_logprobs
-from rlhf.ppo.rollout import response_logprobs
+from rlhf.models import logprobs
+from rlhf.models.logprobs import head_logprobs, response_logprobs
 
 
 @pytest.mark.parametrize("chunk_positions", [1, 5, 12, 1000])  # 1, 1, 3 (and a remainder of 2), 5 rows a call
@@ -19,9 +18,9 @@ from rlhf.ppo.rollout import response_logprobs
 # bonus ("entropy_grad") or a trained head takes the head + softmax path.
 @pytest.mark.parametrize("path", ["frozen", "entropy_grad", "trained_head"])
 def test_response_logprobs_match_the_full_logits(monkeypatch, tiny_policy_dir, chunk_positions, head_bias, path):
-    monkeypatch.setattr(rollout, "HEAD_CHUNK_POSITIONS", chunk_positions)
+    monkeypatch.setattr(logprobs, "HEAD_CHUNK_POSITIONS", chunk_positions)
     calls = []
-    monkeypatch.setattr(rollout, "head_logprobs", lambda *a: calls.append(1) or head_logprobs(*a))
+    monkeypatch.setattr(logprobs, "head_logprobs", lambda *a: calls.append(1) or head_logprobs(*a))
     torch.manual_seed(0)
     model = load_causal_lm(ModelSettings(str(tiny_policy_dir)))
     if head_bias:  # not linear: the temperature must divide the logits, not the head's input
@@ -73,10 +72,10 @@ def test_response_logprobs_reject_a_non_positive_temperature(tiny_policy_dir):
 @pytest.mark.parametrize("precision", ["float32", "bf16_autocast", "bf16_weights"])
 def test_response_logprobs_chunk_size_follows_the_head_matmul_precision(monkeypatch, tiny_policy_dir, precision):
     """Half-precision head matmuls take :data:`HEAD_CHUNK_POSITIONS_HALF` positions a call."""
-    monkeypatch.setattr(rollout, "HEAD_CHUNK_POSITIONS", 8)  # 2 rows of 4 response tokens a call
-    monkeypatch.setattr(rollout, "HEAD_CHUNK_POSITIONS_HALF", 4)  # 1 row a call
+    monkeypatch.setattr(logprobs, "HEAD_CHUNK_POSITIONS", 8)  # 2 rows of 4 response tokens a call
+    monkeypatch.setattr(logprobs, "HEAD_CHUNK_POSITIONS_HALF", 4)  # 1 row a call
     positions = []
-    monkeypatch.setattr(rollout, "head_logprobs", lambda h, *a: positions.append(h.shape[0]) or head_logprobs(h, *a))
+    monkeypatch.setattr(logprobs, "head_logprobs", lambda h, *a: positions.append(h.shape[0]) or head_logprobs(h, *a))
     model = load_causal_lm(ModelSettings(str(tiny_policy_dir))).requires_grad_(False)
     if precision == "bf16_weights":
         model = model.to(torch.bfloat16)

@@ -17,7 +17,7 @@ phase's time includes the kernels it launched.
 phases as metrics (``time/<phase>_s``, plus ``time/iteration_s``)::
 
     python -m rlhf.fit --config configs/quickstart/ppo.yaml \
-        --trainer.callbacks+=rlhf.ppo.timing.PhaseTimesLogger
+        --trainer.callbacks+=rlhf.timing.PhaseTimesLogger
 """
 
 from __future__ import annotations

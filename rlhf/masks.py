@@ -1,6 +1,6 @@
 """Masked reductions and response-mask helpers.
 
-Conventions used throughout :mod:`rlhf.ppo`:
+Conventions used throughout :mod:`rlhf`:
 
 * Token tensors are ``[batch, seq]`` (``[b, t]``); vocab logits are ``[b, t, v]``.
 * A *mask* is a bool or float ``[b, t]`` tensor, non-zero (``1``/``True``) for valid
@@ -17,6 +17,7 @@ from collections.abc import Sequence
 import torch
 
 __all__ = [
+    "bool_mask",
     "masked_sum",
     "masked_mean",
     "masked_var",
@@ -26,7 +27,7 @@ __all__ = [
 ]
 
 
-def _bool_mask(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+def bool_mask(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """Return ``mask != 0`` as bool, broadcast to ``like.shape``."""
     m = mask if mask.dtype == torch.bool else mask != 0
     if m.shape != like.shape:
@@ -45,7 +46,7 @@ def masked_sum(x: torch.Tensor, mask: torch.Tensor, dim: int | tuple[int, ...] |
     Returns:
         Scalar (``dim=None``) or ``x`` reduced over ``dim`` (e.g. ``[b]`` for ``dim=1``).
     """
-    m = _bool_mask(mask, x)
+    m = bool_mask(mask, x)
     xs = torch.where(m, x, torch.zeros((), dtype=x.dtype, device=x.device))
     return xs.sum() if dim is None else xs.sum(dim=dim)
 
@@ -63,7 +64,7 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | tuple[int, ...] 
         Scalar or reduced tensor.  Where there is no valid position the result is ``0``
         (not ``nan``).
     """
-    m = _bool_mask(mask, x)
+    m = bool_mask(mask, x)
     num = masked_sum(x, m, dim)
     den = m.sum() if dim is None else m.sum(dim=dim)
     den = den.to(num.dtype)
@@ -84,7 +85,7 @@ def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> to
         ``unbiased=True`` the correction is skipped (result ``0``) instead of dividing by
         zero -- no host sync / exception, so it is safe inside compiled/GPU code.
     """
-    m = _bool_mask(mask, x)
+    m = bool_mask(mask, x)
     mean = masked_mean(x, m)
     centered = torch.where(m, x - mean, torch.zeros((), dtype=x.dtype, device=x.device))
     n = m.sum().to(x.dtype)
@@ -110,7 +111,7 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, 
     Returns:
         ``[b, t]``; invalid positions are ``0``.
     """
-    m = _bool_mask(mask, x)
+    m = bool_mask(mask, x)
     mean = masked_mean(x, m)
     var = masked_var(x, m, unbiased=True)
     whitened = (x - mean) * torch.rsqrt(var + eps)
@@ -144,7 +145,7 @@ def response_mask_from_eos(
         is_eos = torch.isin(tokens, torch.as_tensor(list(eos_id), dtype=tokens.dtype, device=tokens.device))
     valid = None
     if pad_mask is not None:
-        valid = _bool_mask(pad_mask, tokens)
+        valid = bool_mask(pad_mask, tokens)
         is_eos = is_eos & valid
     eos_count = torch.cumsum(is_eos.to(torch.int32), dim=1)
     # number of EOS strictly before position j; > 0 means we are past the first EOS
