@@ -1,6 +1,6 @@
 """``python -m rlhf.plot RUN_DIR``: a run's dashboard panels as PNG, from its CSV log.
 
-The panels are the W&B reward/KL view of ``docs/dashboards.md``: for PPO reward vs step, KL
+The panels are the W&B reward/KL view of ``docs/tracking.md``: for PPO reward vs step, KL
 vs step, reward vs KL, policy entropy, clip fraction and value explained variance; loss,
 accuracy and margin for a reward model; loss and perplexity for SFT. ``RUN_DIR`` is a
 ``metrics.csv``, a CSV logger's version directory, or any directory above one (the newest
