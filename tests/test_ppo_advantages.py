@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch.testing import assert_close
 
+from rlhf.generation.best_of_n import best_of_n_indices
 from rlhf.ppo.advantages import (
-    best_of_n_indices,
     explained_variance,
     gae,
     grpo_advantages,

@@ -13,8 +13,10 @@ from rlhf.models.loading import LoraSettings, ModelSettings, load_causal_lm
 from rlhf.ppo.module import PPOModule
 from rlhf.models.forward import position_ids_from_mask
 from rlhf.generation import SamplingSettings
+from rlhf.generation.best_of_n import best_of_n
 from rlhf.models.logprobs import logprobs_from_logits
 from rlhf.ppo.settings import KLSettings, UpdateSettings
+from rlhf.ppo.update import minibatch_loss
 
 
 class TokenCountScorer:
@@ -136,10 +138,12 @@ def test_best_of_n_returns_the_best_scored_sample(tmp_path, tiny_policy_dir):
     data.tokenizer_name = str(tiny_policy_dir)
     data.setup("fit")
     batch = next(iter(data.train_dataloader()))
-    texts, best = module.best_of_n(batch["input_ids"], batch["attention_mask"], n=8)
+    texts, best = best_of_n(module.model, module.scorer, module.tokenizer, batch["input_ids"], batch["attention_mask"],
+                            module.sampling, n=8)
     assert len(texts) == len(best) == batch["input_ids"].shape[0]
     torch.manual_seed(0)
-    _, single = module.best_of_n(batch["input_ids"], batch["attention_mask"], n=1)
+    _, single = best_of_n(module.model, module.scorer, module.tokenizer, batch["input_ids"], batch["attention_mask"],
+                          module.sampling, n=1)
     assert best.mean() > single.mean()
 
 
@@ -172,9 +176,9 @@ def test_rollout_logprobs_values_and_entropy_are_the_sampling_policys(tmp_path, 
     assert logged == pytest.approx(float(entropy[on].mean()), abs=atol)
 
     module.model.eval()  # no adapter dropout: the two losses see the same policy
-    without, _ = module.minibatch_loss(rollout)
+    without, _ = minibatch_loss(module, rollout)
     module.update_settings.entropy_coef = 0.1
-    with_bonus, _ = module.minibatch_loss(rollout)
+    with_bonus, _ = minibatch_loss(module, rollout)
     current = float(entropy[on].mean())  # the policy has not moved since the rollout
     assert float((without - with_bonus).detach()) == pytest.approx(0.1 * current, abs=1e-5)
 

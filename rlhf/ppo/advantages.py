@@ -1,4 +1,4 @@
-"""Advantage estimators: GAE (PPO), RLOO, GRPO, plus explained variance and best-of-n.
+"""Advantage estimators: GAE (PPO), RLOO, GRPO, the choice between them, and explained variance.
 
 References:
     * Schulman et al. 2016, GAE; Huang et al., "The N (and N+) implementation details of
@@ -10,9 +10,15 @@ References:
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 
-from rlhf.masks import bool_mask, masked_var
+from rlhf.generation.best_of_n import prompt_groups
+from rlhf.masks import bool_mask, masked_sum, masked_var, masked_whiten
+from rlhf.ppo.kl import per_token_rewards
+
+Estimator = Literal["gae", "rloo", "grpo"]
 
 __all__ = [
     "gae",
@@ -20,7 +26,7 @@ __all__ = [
     "grpo_advantages",
     "sequence_to_token_advantages",
     "explained_variance",
-    "best_of_n_indices",
+    "compute_advantages",
 ]
 
 
@@ -80,14 +86,6 @@ def gae(
     return advantages, returns
 
 
-def _groups(scores: torch.Tensor, k: int) -> torch.Tensor:
-    if scores.dim() != 1:
-        raise ValueError(f"scores must be 1-D [n_prompts * k], got shape {tuple(scores.shape)}")
-    if k < 1 or scores.numel() % k != 0:
-        raise ValueError(f"scores has {scores.numel()} elements, not a multiple of k={k}")
-    return scores.view(-1, k)
-
-
 def rloo_advantages(scores: torch.Tensor, k: int) -> torch.Tensor:
     """REINFORCE leave-one-out advantages (Ahmadian et al. 2024).
 
@@ -104,7 +102,7 @@ def rloo_advantages(scores: torch.Tensor, k: int) -> torch.Tensor:
     """
     if k < 2:
         raise ValueError(f"RLOO needs k >= 2 samples per prompt, got k={k}")
-    s = _groups(scores, k)
+    s = prompt_groups(scores, k)
     baseline = (s.sum(dim=1, keepdim=True) - s) / (k - 1)
     return (s - baseline).reshape(-1)
 
@@ -136,7 +134,7 @@ def grpo_advantages(
         ``[n_prompts * k]`` advantages (broadcast to tokens with
         :func:`sequence_to_token_advantages`).
     """
-    s = _groups(scores, k)
+    s = prompt_groups(scores, k)
     centered = s - s.mean(dim=1, keepdim=True)
     if scale:
         if unbiased and k < 2:
@@ -186,16 +184,45 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.
     return torch.where(var_y > 0, ev, torch.full_like(ev, float("nan")))
 
 
-def best_of_n_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Index of the best-scoring sample of each prompt.
+def compute_advantages(
+    estimator: Estimator,
+    scores: torch.Tensor,
+    kl: torch.Tensor,
+    values: torch.Tensor,
+    mask: torch.Tensor,
+    beta: float,
+    samples_per_prompt: int = 1,
+    gamma: float = 1.0,
+    lam: float = 0.95,
+    whiten: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-token rewards, advantages and returns of one rollout.
+
+    ``gae``: the per-token reward ``-beta * kl`` plus ``scores`` on the last valid token, then
+    :func:`gae` against ``values``. ``rloo`` / ``grpo`` (critic-free): one reward per sequence,
+    ``score - beta * sum(kl)``, compared within each prompt's ``samples_per_prompt`` samples
+    and broadcast to its tokens; returns are zeros. ``whiten`` standardises the advantages over
+    the valid tokens of the batch (:func:`rlhf.masks.masked_whiten`).
 
     Args:
-        scores: ``[n_prompts * k]``, the ``k`` samples of one prompt contiguous.
-        k: samples per prompt.
+        scores: ``[b]`` shaped sequence scores (a prompt's samples contiguous).
+        kl: ``[b, t]`` per-token KL estimates (zero on invalid tokens).
+        values: ``[b, t]`` critic values (zeros when critic-free).
+        mask: ``[b, t]`` response mask.
 
     Returns:
-        ``[n_prompts]`` int64 indices into ``scores`` (flat); ties -> first sample.
+        ``(rewards, advantages, returns)``, each ``[b, t]``.
     """
-    s = _groups(scores, k)
-    offsets = torch.arange(s.shape[0], device=scores.device) * k
-    return s.argmax(dim=1) + offsets
+    rewards = per_token_rewards(scores, kl, mask, beta)
+    if estimator == "gae":
+        advantages, returns = gae(rewards, values, mask, gamma, lam)
+    elif estimator in ("rloo", "grpo"):
+        sequence_reward = scores - beta * masked_sum(kl, mask, dim=1)
+        estimate = rloo_advantages if estimator == "rloo" else grpo_advantages
+        advantages = sequence_to_token_advantages(estimate(sequence_reward, samples_per_prompt), mask)
+        returns = torch.zeros_like(advantages)
+    else:
+        raise ValueError(f"unknown advantage estimator {estimator!r} (gae, rloo or grpo)")
+    if whiten:
+        advantages = masked_whiten(advantages, mask)
+    return rewards, advantages, returns

@@ -11,70 +11,42 @@ Per iteration (CleanRL-style, every step visible here):
    entropy bonus, gradient clipping, optional early stop on approximate KL;
 5. update the KL controller and log the metrics.
 
-A minibatch update with non-finite rewards, advantages, returns, loss or gradient is skipped
-and counted (``nonfinite/skipped``); ``update.max_nonfinite_steps`` such updates in a row stop
-the run (:mod:`rlhf.guards`). Checkpoints carry the KL controller, the iteration and these
-counts; RNG, data position and logger identity are :mod:`rlhf.resume`'s.
+The maths are pure functions: :func:`rlhf.ppo.scores.shape_scores`,
+:func:`rlhf.ppo.advantages.compute_advantages`, :mod:`rlhf.ppo.kl`, :mod:`rlhf.ppo.losses`; the
+update loop is :func:`rlhf.ppo.update.ppo_update` (non-finite minibatches skipped and counted,
+:mod:`rlhf.guards`). Checkpoints carry the KL controller, the iteration and the skip counts;
+RNG, data position and logger identity are :mod:`rlhf.resume`'s.
 """
 
 from __future__ import annotations
 
-import json
-import logging
 import math
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from peft import PeftModel
 from torch import nn
 
-from rlhf.data.records import conversation_text
 from rlhf.distributed import shard_model
-from rlhf.models.forward import adapter_inputs_left_to_autocast, causal_lm_of, disable_dropout
-from rlhf.models.loading import ModelSettings, apply_lora, load_causal_lm
-from rlhf.outputs import atomic_directory, atomic_file, write_stage_marker
-from rlhf.ppo.advantages import (
-    best_of_n_indices,
-    explained_variance,
-    gae,
-    grpo_advantages,
-    rloo_advantages,
-    sequence_to_token_advantages,
-)
 from rlhf.generation import SamplingSettings, Scorer, assemble_sequences, sample_and_record, sample_responses
-from rlhf.guards import NonFiniteGuard, gradients_finite, join_names, nonfinite_names
-from rlhf.masks import masked_mean, masked_sum, masked_whiten
-from rlhf.models.forward import trunk_hidden
+from rlhf.guards import NonFiniteGuard
+from rlhf.models.forward import adapter_inputs_left_to_autocast, disable_dropout, trunk_hidden
+from rlhf.models.loading import ModelSettings, apply_lora, load_causal_lm
 from rlhf.models.logprobs import response_logprobs
-from rlhf.ppo.kl import AdaptiveKLController, FixedKLController, kl_estimate, per_token_rewards
-from rlhf.ppo.losses import policy_loss, value_loss
-from rlhf.ppo.rollout import Rollout
-from rlhf.ppo.settings import KLSettings, RewardSettings, UpdateSettings
-from rlhf.timing import phase, timed
+from rlhf.ppo.advantages import Estimator, compute_advantages
+from rlhf.ppo.kl import AdaptiveKLController, FixedKLController, kl_estimate
+from rlhf.ppo.metrics import rollout_metrics, update_metrics
+from rlhf.ppo.outputs import save_ppo_outputs
+from rlhf.ppo.rollout import Rollout, logprobs_from_generation
+from rlhf.ppo.samples import SAMPLES_FILE, drop_samples_from, log_sample_table, response_ids
+from rlhf.ppo.scores import shape_scores
+from rlhf.ppo.settings import POLICY, VALUE, KLSettings, RewardSettings, UpdateSettings
+from rlhf.ppo.update import ppo_update
 from rlhf.stage import StageModule
-
-log = logging.getLogger("rlhf.ppo")
+from rlhf.timing import phase, timed
 
 # Hyperparameters hold these dataclasses; let weights-only checkpoint loading read them.
 torch.serialization.add_safe_globals([RewardSettings, SamplingSettings, KLSettings, UpdateSettings])
-
-POLICY = "policy"
-VALUE = "value"
-SAMPLES_FILE = "samples.jsonl"
-
-
-def drop_samples_from(path: Path, iteration: int) -> None:
-    """Remove the rows of iteration ``iteration`` and later from a ``samples.jsonl`` (a resumed
-    run makes them again)."""
-    if not path.is_file():
-        return
-    lines = path.read_text().splitlines(keepends=True)
-    kept = [line for line in lines if line.strip() and json.loads(line).get("iteration", 0) < iteration]
-    if len(kept) != len(lines):
-        with atomic_file(path) as tmp:
-            tmp.write_text("".join(kept))
 
 
 class PPOModule(StageModule):
@@ -108,7 +80,7 @@ class PPOModule(StageModule):
         sampling: SamplingSettings | None = None,
         kl: KLSettings | None = None,
         update: UpdateSettings | None = None,
-        estimator: Literal["gae", "rloo", "grpo"] = "gae",
+        estimator: Estimator = "gae",
         samples_per_prompt: int = 1,
         critic: Literal["shared", "adapter"] = "shared",
         iterations: int = 100,
@@ -306,35 +278,11 @@ class PPOModule(StageModule):
         return logp
 
     # -- rollout -------------------------------------------------------------------------------
-    def shape_scores(self, raw: torch.Tensor, has_eos: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """Normalise, length-normalise and clip scores ``[B]``; missing-EOS rows get the penalty."""
-        settings = self.reward_settings
-        scores = raw.float()
-        if settings is None:
-            return scores
-        if settings.normalize:
-            scores = (scores - self.score_mean) / max(self.score_std, 1e-8)
-        if settings.length_normalize:
-            scores = scores / lengths.clamp(min=1).float()
-        if settings.clip is not None:
-            scores = scores.clamp(-settings.clip, settings.clip)
-        if settings.missing_eos_penalty is not None:
-            scores = torch.where(has_eos, scores, torch.full_like(scores, settings.missing_eos_penalty))
-        return scores
-
     def old_logprobs_from_generation(self) -> bool:
-        """Whether this rollout takes its old log-probs from generation (``update.old_logprobs``;
-        ``auto``: only when the policy computes in float32/float64: weights in full precision,
-        no autocast, and a full-precision trainer, since FSDP's mixed precision casts the
-        weights themselves)."""
-        choice = self.update_settings.old_logprobs
-        if choice != "auto":
-            return choice == "generation"
+        """Whether this rollout takes its old log-probs from generation (``update.old_logprobs``)."""
         trainer = getattr(self, "_trainer", None)
-        if trainer is not None and "16" in str(trainer.precision):
-            return False
-        compute = causal_lm_of(self.model).get_input_embeddings().weight.dtype
-        return compute in (torch.float32, torch.float64) and not torch.is_autocast_enabled(self.device.type)
+        precision = None if trainer is None else str(trainer.precision)
+        return logprobs_from_generation(self.update_settings.old_logprobs, self.model, precision, self.device.type)
 
     @timed("rollout")
     @torch.no_grad()
@@ -367,26 +315,16 @@ class PPOModule(StageModule):
             ref_logprobs = self.reference_logprobs(input_ids, attention_mask, start)
         with phase("reward"):
             raw_scores = self.scorer(input_ids, attention_mask).float()
-        lengths = response_mask.sum(dim=1)
-        scores = self.shape_scores(raw_scores, has_eos, lengths)
+        scores = shape_scores(raw_scores, has_eos, response_mask.sum(dim=1), self.reward_settings,
+                              self.score_mean, self.score_std)
         kl = kl_estimate(logprobs, ref_logprobs, self.kl_settings.estimator) * response_mask
-        beta = self.kl_controller.value
         if values is None:
             values = torch.zeros_like(logprobs)
-        if self.estimator == "gae":
-            rewards = per_token_rewards(scores, kl, response_mask, beta)
-            advantages, returns = gae(
-                rewards, values, response_mask, self.update_settings.gamma, self.update_settings.lam
-            )
-        else:
-            # Critic-free: one sequence reward (score - beta * summed KL), advantage per sequence.
-            sequence_reward = scores - beta * masked_sum(kl, response_mask, dim=1)
-            adv = (rloo_advantages if self.estimator == "rloo" else grpo_advantages)(sequence_reward, k)
-            advantages = sequence_to_token_advantages(adv, response_mask)
-            rewards = per_token_rewards(scores, kl, response_mask, beta)
-            returns = torch.zeros_like(advantages)
-        if self.update_settings.whiten_advantages:
-            advantages = masked_whiten(advantages, response_mask)
+        u = self.update_settings
+        rewards, advantages, returns = compute_advantages(
+            self.estimator, scores, kl, values, response_mask, self.kl_controller.value,
+            self.samples_per_prompt, u.gamma, u.lam, u.whiten_advantages,
+        )
         return Rollout(
             input_ids=input_ids, attention_mask=attention_mask, response_start=start,
             response_mask=response_mask, logprobs=logprobs, ref_logprobs=ref_logprobs,
@@ -394,202 +332,41 @@ class PPOModule(StageModule):
             advantages=advantages, returns=returns, has_eos=has_eos, entropy=entropy,
         )
 
-    @torch.no_grad()
-    def best_of_n(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, n: int
-    ) -> tuple[list[str], torch.Tensor]:
-        """Best-of-``n`` sampling (evaluation): sample ``n`` responses per left-padded prompt
-        ``[B, P]`` from the policy and keep the one the scorer ranks highest.
-
-        Returns the ``B`` chosen responses as text and their raw scores ``[B]``.
-        """
-        self.model.eval()
-        eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
-        prompt_ids = input_ids.repeat_interleave(n, dim=0)
-        prompt_mask = attention_mask.repeat_interleave(n, dim=0)
-        responses = sample_responses(self.model, prompt_ids, prompt_mask, self.sampling, eos, pad)
-        ids, mask, response_mask, _ = assemble_sequences(prompt_ids, prompt_mask, responses, eos, pad)
-        scores = self.scorer(ids, mask).float()
-        best = best_of_n_indices(scores, n)
-        start = prompt_ids.shape[1]
-        texts = [
-            self.tokenizer.decode(ids[i, start:][response_mask[i].bool()], skip_special_tokens=True)
-            for i in best.tolist()
-        ]
-        return texts, scores[best]
-
     # -- update --------------------------------------------------------------------------------
-    def minibatch_loss(self, mb: Rollout) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Clipped policy loss + ``vf_coef`` * clipped value loss - ``entropy_coef`` * entropy."""
-        u = self.update_settings
-        # The entropy is computed here only for an entropy bonus (the logged one is the
-        # rollout's): at the default ``entropy_coef: 0`` no [R, vocab] exp is made per minibatch.
-        bonus = u.entropy_coef != 0
-        logp, values, entropy_per_token = self.policy_forward(
-            mb.input_ids, mb.attention_mask, mb.response_start, entropy=bonus, entropy_grad=bonus
-        )
-        pg_loss, stats = policy_loss(logp, mb.logprobs, mb.advantages, mb.response_mask, u.clip_range)
-        loss = pg_loss
-        if bonus:
-            loss = pg_loss - u.entropy_coef * masked_mean(entropy_per_token, mb.response_mask)
-        stats = {**stats, "policy_loss": pg_loss.detach()}
-        if values is not None:
-            vf_loss, vstats = value_loss(values, mb.values, mb.returns, mb.response_mask, u.value_clip_range)
-            loss = loss + u.vf_coef * vf_loss
-            stats.update(value_loss=vf_loss.detach(), value_clipfrac=vstats["clipfrac"])
-        return loss, stats
-
-    def nonfinite_inputs(self, mb: Rollout) -> list[str]:
-        """What in a minibatch's rollout rows is NaN/inf: ``reward``, ``kl``, ``advantage``,
-        ``return``, ``value`` (the last two with a critic)."""
-        critic = self.uses_critic
-        return nonfinite_names({
-            "reward": torch.cat([mb.raw_scores.float(), mb.scores.float()]),
-            "kl": mb.kl,
-            "advantage": mb.advantages,
-            "return": mb.returns if critic else None,
-            "value": mb.values if critic else None,
-        })
-
-    def _mean_over_processes(self, value: float) -> float:
+    def mean_over_processes(self, value: float) -> float:
         """``value`` averaged over the processes of a multi-process run (so they all decide alike)."""
         return float(self.trainer.strategy.reduce(torch.tensor(value, device=self.device), reduce_op="mean"))
 
-    @timed("update")
-    def ppo_update(self, rollout: Rollout) -> dict[str, float]:
-        """``ppo_epochs`` passes over shuffled minibatches; returns the mean of each stat over
-        the updates made, and ``skipped``: minibatch updates skipped because something was not
-        finite (see :class:`rlhf.guards.NonFiniteGuard`; the LR schedule still moves on)."""
-        u = self.update_settings
-        optimizer = self.optimizers()
-        scheduler = self.lr_schedulers()
-        n = len(rollout)
-        minibatch = u.minibatch_size or n
-        micro = min(u.micro_batch_size or minibatch, minibatch)
-        # Under fp16 a GradScaler skips steps with inf gradients itself (and adjusts its scale).
-        check_gradients = getattr(self.trainer.precision_plugin, "scaler", None) is None
-        totals: dict[str, float] = {}
-        count, skipped, stopped_early = 0, 0, False
-        self.model.train()
-        for epoch in range(u.ppo_epochs):
-            order = torch.randperm(n, device=rollout.input_ids.device)
-            for number, mb_start in enumerate(range(0, n, minibatch)):
-                mb_index = order[mb_start : mb_start + minibatch]
-                mb_stats: dict[str, float] = {}
-                bad = self.nonfinite_inputs(rollout.select(mb_index))
-                # Multi-process runs (DDP, FSDP): every forward/backward is a collective, so the
-                # processes skip together or compute together.
-                if self.trainer.strategy.reduce_boolean_decision(bool(bad), all=False) and not bad:
-                    bad = ["values (on another process)"]
-                skip = bool(bad)
-                for mc_start in range(0, len(mb_index), micro):
-                    if skip:
-                        break
-                    part = rollout.select(mb_index[mc_start : mc_start + micro])
-                    loss, stats = self.minibatch_loss(part)
-                    if not bool(torch.isfinite(loss)):
-                        bad = ["loss"]  # still backpropagated (see above); the update is skipped
-                    weight = len(part) / len(mb_index)
-                    self.manual_backward(loss * weight)
-                    for key, value in stats.items():
-                        mb_stats[key] = mb_stats.get(key, 0.0) + float(value) * weight
-                if not bad and check_gradients and not gradients_finite(self.trainable_parameters()):
-                    bad = ["gradient"]
-                if self.trainer.strategy.reduce_boolean_decision(bool(bad), all=False):
-                    optimizer.zero_grad(set_to_none=True)
-                    scheduler.step()
-                    skipped += 1
-                    where = {"iteration": self.iteration, "epoch": epoch, "minibatch": number}
-                    log.warning("skipped a PPO minibatch update: non-finite %s (%s)", join_names(bad),
-                                ", ".join(f"{k} {v}" for k, v in where.items()))
-                    self.nonfinite.bad(bad or ["values (on another process)"], **where)
-                    continue
-                self.nonfinite.good()
-                if u.max_grad_norm is not None:
-                    self.clip_gradients(optimizer, gradient_clip_val=u.max_grad_norm, gradient_clip_algorithm="norm")
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                scheduler.step()
-                for key, value in mb_stats.items():
-                    totals[key] = totals.get(key, 0.0) + value
-                count += 1
-                if u.target_approx_kl is not None and (
-                    self._mean_over_processes(mb_stats["approx_kl"]) > u.target_approx_kl
-                ):
-                    stopped_early = True
-                    break
-            if stopped_early:
-                break
-        self.model.eval()
-        means = {key: value / count for key, value in totals.items()}
-        means["early_stopped"] = float(stopped_early)
-        means["optimizer_steps"] = float(count)
-        means["skipped"] = float(skipped)
-        return means
-
     # -- Lightning hooks -------------------------------------------------------------------------
     def rollout_metrics(self, r: Rollout, prefix: str = "") -> dict[str, float]:
-        """Reward, KL and response metrics of a rollout (names as in DESIGN.md)."""
-        kl_per_seq = masked_sum(r.kl, r.response_mask, dim=1)
-        metrics = {
-            f"{prefix}reward/mean": float(r.raw_scores.mean()),
-            f"{prefix}reward/std": float(r.raw_scores.std()) if len(r) > 1 else 0.0,
-            f"{prefix}reward/normalized_mean": float(r.scores.mean()),
-            f"{prefix}reward/normalized_std": float(r.scores.std()) if len(r) > 1 else 0.0,
-            f"{prefix}kl/mean": float(kl_per_seq.mean()),
-            f"{prefix}response/length": float(r.response_mask.sum(dim=1).float().mean()),
-            f"{prefix}response/eos_frac": float(r.has_eos.float().mean()),
-            # The rollout policy's mean per-token entropy (temperature-scaled, before top-k/top-p).
-            f"{prefix}policy/entropy": float(masked_mean(r.entropy, r.response_mask)),
-        }
+        """:func:`rlhf.ppo.metrics.rollout_metrics`, with ``gold/mean`` when ``gold`` is set."""
+        gold = None
         if self.gold is not None:
             from rlhf.gold import gold_function
 
-            texts = [self.tokenizer.decode(ids, skip_special_tokens=True) for ids in self.response_ids(r)]
-            metrics[f"{prefix}gold/mean"] = sum(gold_function(self.gold)(texts)) / max(1, len(texts))
-        return metrics
-
-    @staticmethod
-    def response_ids(r: Rollout) -> list[list[int]]:
-        """Each sequence's response tokens (up to and including EOS)."""
-        return [
-            r.input_ids[i, r.response_start :][r.response_mask[i].bool()].tolist() for i in range(len(r))
-        ]
+            texts = [self.tokenizer.decode(ids, skip_special_tokens=True) for ids in response_ids(r)]
+            gold = gold_function(self.gold)(texts)
+        return rollout_metrics(r, prefix, gold)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         with adapter_inputs_left_to_autocast(self.model, self.device.type):
             rollout = self.make_rollout(batch)
-            stats = self.ppo_update(rollout)
-        metrics = self.rollout_metrics(rollout)
-        nan = float("nan")  # policy/value stats of an iteration whose updates were all skipped
-        metrics.update(
-            {
-                "kl/coef": self.kl_controller.value,
-                "policy/ratio": stats.get("ratio_mean", nan),
-                "policy/ratio_max": stats.get("ratio_max", nan),
-                "policy/clipfrac": stats.get("clipfrac", nan),
-                "policy/approx_kl": stats.get("approx_kl", nan),
-                "policy/loss": stats.get("policy_loss", nan),
-                "policy/early_stopped": stats["early_stopped"],
-                "nonfinite/skipped": stats["skipped"],
-                "nonfinite/skipped_total": float(self.nonfinite.skipped),
-                "iteration": float(self.iteration),
-                "lr": self.lr_schedulers().get_last_lr()[0],
-            }
-        )
-        if self.uses_critic:
-            metrics["value/loss"] = stats.get("value_loss", nan)
-            metrics["value/clipfrac"] = stats.get("value_clipfrac", nan)
-            metrics["value/explained_var"] = float(
-                explained_variance(rollout.values, rollout.returns, rollout.response_mask)
-            )
+            stats = ppo_update(self, rollout)
+        metrics = {
+            **self.rollout_metrics(rollout),
+            **update_metrics(stats, rollout, self.uses_critic),
+            "kl/coef": self.kl_controller.value,
+            "nonfinite/skipped_total": float(self.nonfinite.skipped),
+            "iteration": float(self.iteration),
+            "lr": self.lr_schedulers().get_last_lr()[0],
+        }
         if math.isfinite(metrics["kl/mean"]):  # a NaN would poison an adaptive controller
             self.kl_controller.update(metrics["kl/mean"], len(rollout))
         self.log_dict(metrics, batch_size=len(rollout), prog_bar=False)
         self.log("reward", metrics["reward/mean"], prog_bar=True, logger=False, batch_size=len(rollout))
         self.log("kl", metrics["kl/mean"], prog_bar=True, logger=False, batch_size=len(rollout))
         if self.sample_every and self.iteration % self.sample_every == 0:
-            self.log_samples(rollout, batch)
+            log_sample_table(self, rollout, batch)
         self.iteration += 1
         if self.iteration >= self.iterations:
             self.trainer.should_stop = True
@@ -600,56 +377,7 @@ class PPOModule(StageModule):
         for key, value in self.rollout_metrics(rollout, prefix="val/").items():
             self.log(key, value, batch_size=len(rollout), prog_bar=key == "val/reward/mean")
 
-    # -- samples and outputs -------------------------------------------------------------------
-    def sample_rows(self, rollout: Rollout, batch: dict[str, torch.Tensor], limit: int = 4) -> list[list[Any]]:
-        """``[iteration, prompt, response, raw score, KL]`` rows for a few sequences."""
-        units = self.trainer.datamodule.train_units
-        rows = []
-        for i in range(min(limit, len(rollout))):
-            prompt = conversation_text(units[int(batch["index"][i // self.samples_per_prompt])].prompt)
-            response_ids = rollout.input_ids[i, rollout.response_start :][rollout.response_mask[i].bool()]
-            rows.append([
-                self.iteration, prompt, self.tokenizer.decode(response_ids, skip_special_tokens=True),
-                float(rollout.raw_scores[i]), float(masked_sum(rollout.kl[i], rollout.response_mask[i])),
-            ])
-        return rows
-
-    def log_samples(self, rollout: Rollout, batch: dict[str, torch.Tensor]) -> None:
-        """Sample table to W&B (when used) and to ``samples.jsonl`` in the run directory."""
-        columns = ["iteration", "prompt", "response", "reward", "kl"]
-        rows = self.sample_rows(rollout, batch)
-        for logger in self.trainer.loggers:
-            if hasattr(logger, "log_table"):
-                logger.log_table(key="samples", columns=columns, data=rows, step=self.global_step)
-        if self.trainer.is_global_zero:
-            path = Path(self.trainer.default_root_dir) / SAMPLES_FILE
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with open(path, "a") as f:
-                for row in rows:
-                    f.write(json.dumps(dict(zip(columns, row))) + "\n")
-
+    # -- outputs ---------------------------------------------------------------------------------
     def save_outputs(self, output_dir: str) -> None:
         """``adapter/`` (policy LoRA), ``model/`` (merged policy), ``value_head.pt``, marker."""
-        info: dict[str, Any] = {
-            "stage": "ppo",
-            "base": self.base.name_or_path,
-            "iterations": self.iteration,
-            "kl_controller": self.kl_controller.state_dict(),
-            "metrics": self.logged_metrics(),
-            "metrics_before_fit": self.metrics_before_fit,
-        }
-        with atomic_directory(output_dir) as tmp:
-            self.model.save_pretrained(tmp / "adapter", selected_adapters=[POLICY])
-            self.tokenizer.save_pretrained(tmp / "adapter")
-            if self.value_head is not None:
-                torch.save(self.value_head.state_dict(), tmp / "value_head.pt")
-            if not self.base.quantization:
-                # Merge a fresh copy: the live model must keep its adapter (the reference is
-                # the base with the adapter off).
-                fresh = load_causal_lm(replace(self.base, lora=None))
-                merged = PeftModel.from_pretrained(fresh, tmp / "adapter" / POLICY).merge_and_unload()
-                merged.save_pretrained(tmp / "model")
-                self.tokenizer.save_pretrained(tmp / "model")
-                info["model_dir"] = "model"
-            write_stage_marker(tmp, info)
-        log.info("saved PPO outputs to %s", output_dir)
+        save_ppo_outputs(self, output_dir)

@@ -1,10 +1,13 @@
-"""The in-loop rollout buffer of one PPO iteration."""
+"""The in-loop rollout buffer of one PPO iteration, and where its old log-probs come from."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
 
 import torch
+from torch import nn
+
+from rlhf.models.forward import causal_lm_of
 
 
 @dataclass
@@ -53,3 +56,17 @@ class Rollout:
             if isinstance(getattr(self, f.name), torch.Tensor)
         }
         return replace(self, **picked)
+
+
+def logprobs_from_generation(choice: str, model: nn.Module, trainer_precision: str | None, device_type: str) -> bool:
+    """Whether a rollout takes its old log-probs (and entropy, and shared-critic inputs) from
+    generation instead of a second policy pass (``update.old_logprobs``: ``generation``,
+    ``recompute`` or ``auto``). ``auto`` takes them from generation only when the policy
+    computes in float32/float64: weights in full precision, no autocast, and a full-precision
+    trainer (``trainer_precision``; FSDP's mixed precision casts the weights themselves)."""
+    if choice != "auto":
+        return choice == "generation"
+    if trainer_precision is not None and "16" in trainer_precision:
+        return False
+    compute = causal_lm_of(model).get_input_embeddings().weight.dtype
+    return compute in (torch.float32, torch.float64) and not torch.is_autocast_enabled(device_type)

@@ -6,6 +6,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+# The names of the LoRA adapters PPO puts on the base: the policy, and an ``adapter`` critic.
+POLICY = "policy"
+VALUE = "value"
+
 
 @dataclass
 class RewardSettings:

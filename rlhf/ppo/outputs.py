@@ -1,0 +1,47 @@
+"""What a finished PPO run saves: the policy adapter, the merged policy, the value head, the marker."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
+
+import torch
+from peft import PeftModel
+
+from rlhf.models.loading import load_causal_lm
+from rlhf.outputs import atomic_directory, write_stage_marker
+from rlhf.ppo.settings import POLICY
+
+if TYPE_CHECKING:
+    from rlhf.ppo.module import PPOModule
+
+log = logging.getLogger("rlhf.ppo")
+
+
+def save_ppo_outputs(module: PPOModule, output_dir: str) -> None:
+    """Write ``adapter/`` (the policy LoRA), ``model/`` (the merged policy; not for a quantised
+    base), ``value_head.pt`` (with a critic) and the stage marker, atomically, to ``output_dir``."""
+    info: dict[str, Any] = {
+        "stage": "ppo",
+        "base": module.base.name_or_path,
+        "iterations": module.iteration,
+        "kl_controller": module.kl_controller.state_dict(),
+        "metrics": module.logged_metrics(),
+        "metrics_before_fit": module.metrics_before_fit,
+    }
+    with atomic_directory(output_dir) as tmp:
+        module.model.save_pretrained(tmp / "adapter", selected_adapters=[POLICY])
+        module.tokenizer.save_pretrained(tmp / "adapter")
+        if module.value_head is not None:
+            torch.save(module.value_head.state_dict(), tmp / "value_head.pt")
+        if not module.base.quantization:
+            # Merge a fresh copy: the live model must keep its adapter (the reference is the
+            # base with the adapter off).
+            fresh = load_causal_lm(replace(module.base, lora=None))
+            merged = PeftModel.from_pretrained(fresh, tmp / "adapter" / POLICY).merge_and_unload()
+            merged.save_pretrained(tmp / "model")
+            module.tokenizer.save_pretrained(tmp / "model")
+            info["model_dir"] = "model"
+        write_stage_marker(tmp, info)
+    log.info("saved PPO outputs to %s", output_dir)
