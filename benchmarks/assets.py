@@ -111,7 +111,7 @@ def build_assets(
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from rlhf.rm.model import RewardModel
+    from rlhf.models.reward import RewardModel
 
     out = Path(out_dir).resolve()
     paths = {"base": str(out / "base"), "rm": str(out / "rm"), "prompts": str(out / "prompts.json")}

@@ -84,7 +84,7 @@ class FSDP2Strategy(ModelParallelStrategy):
 def language_model(model: nn.Module) -> nn.Module:
     """The ``*ForCausalLM`` of a model: inside a peft wrapper, or a reward model's backbone."""
     if hasattr(model, "language_model") and not hasattr(model, "get_decoder"):
-        model = model.language_model  # rlhf.rm.model.RewardModel
+        model = model.language_model  # rlhf.models.reward.RewardModel
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 

@@ -300,7 +300,7 @@ def check_reward_tokenizer(reward: str | Path, tokenizer: Any) -> None:
     from the policies' token ids directly."""
     from transformers import AutoTokenizer
 
-    from rlhf.rm.model import read_reward_model_info
+    from rlhf.models.reward import read_reward_model_info
 
     tokenizer_dir = read_reward_model_info(reward).get("tokenizer_dir")
     if tokenizer_dir and AutoTokenizer.from_pretrained(str(Path(reward) / tokenizer_dir)).get_vocab() != tokenizer.get_vocab():
@@ -329,7 +329,7 @@ def evaluate(
         reference: the KL reference policy (usually the SFT output PPO started from).
         data: a prompt data module (its tokenizer must be the policies' and the RM's).
     """
-    from rlhf.rm.model import load_reward_model
+    from rlhf.models.reward import load_reward_model
 
     if not policies:
         raise ValueError("no policies to evaluate")

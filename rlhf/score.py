@@ -204,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     """Run the CLI; returns the summary (also printed as JSON)."""
     from rlhf.models.loading import load_tokenizer
-    from rlhf.rm.model import load_reward_model, read_reward_model_info
+    from rlhf.models.reward import load_reward_model, read_reward_model_info
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

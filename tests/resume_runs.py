@@ -24,7 +24,7 @@ def build_tiny_reward_model(out: Path, policy_dir: Path) -> Path:
     """A saved reward model: a LoRA adapter on the tiny policy with a random score head (its
     scores vary between responses, which is all these tests need)."""
     from rlhf.models.loading import LoraSettings, ModelSettings, apply_lora, load_causal_lm, load_tokenizer
-    from rlhf.rm.model import RewardModel
+    from rlhf.models.reward import RewardModel
 
     generator = torch.Generator().manual_seed(1)
     backbone = apply_lora(load_causal_lm(ModelSettings(str(policy_dir))), LoraSettings(r=4))

@@ -22,7 +22,7 @@ from rlhf.rm import (
     load_reward_model,
     position_ids_from_mask,
 )
-from rlhf.rm.model import read_reward_model_info
+from rlhf.models.reward import read_reward_model_info
 
 # log(1 + exp(-d)) for the differences used below.
 LOG1P_EXP_M1 = 0.31326168751822286  # d = 1

@@ -13,7 +13,7 @@ from rlhf.generation import Scorer
 from rlhf.models.forward import trunk_hidden
 from rlhf.models.loading import ModelSettings
 from rlhf.ppo.settings import RewardSettings
-from rlhf.rm.model import last_token_index, load_reward_model, read_reward_model_info
+from rlhf.models.reward import last_token_index, load_reward_model, read_reward_model_info
 
 log = logging.getLogger("rlhf.ppo")
 
@@ -21,7 +21,7 @@ REWARD = "reward"
 
 
 class SeparateModelScorer(nn.Module):
-    """Scores with a stand-alone :class:`rlhf.rm.model.RewardModel` (its own weights)."""
+    """Scores with a stand-alone :class:`rlhf.models.reward.RewardModel` (its own weights)."""
 
     def __init__(self, reward_model: nn.Module) -> None:
         super().__init__()

@@ -2,7 +2,7 @@
 
 from rlhf.rm.loss import bradley_terry_loss
 from rlhf.rm.metrics import MeanMargin, PairwiseAccuracy, StdMetric
-from rlhf.rm.model import RewardModel, last_token_index, load_reward_model, position_ids_from_mask
+from rlhf.models.reward import RewardModel, last_token_index, load_reward_model, position_ids_from_mask
 from rlhf.rm.module import RewardModule
 
 __all__ = [

@@ -15,7 +15,7 @@ from rlhf.models.loading import ModelSettings, apply_lora, load_causal_lm
 from rlhf.outputs import atomic_directory, write_stage_marker
 from rlhf.rm.loss import bradley_terry_loss
 from rlhf.rm.metrics import MeanMargin, PairwiseAccuracy, StdMetric
-from rlhf.rm.model import RewardModel
+from rlhf.models.reward import RewardModel
 from rlhf.stage import StageModule
 from rlhf.tracking import log_histograms, wandb_loggers
 

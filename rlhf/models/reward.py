@@ -1,4 +1,5 @@
-"""The reward model: a causal-LM backbone and a linear score head on the last real token.
+"""The reward model: a causal-LM backbone and a linear score head on the last real token (the
+RM stage trains it; PPO, scoring and evaluation load it).
 
 The backbone is run without its LM head (the ``[batch, seq, vocab]`` logits would be the
 largest tensor of the step and are not needed): the transformer body is found through
