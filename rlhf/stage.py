@@ -9,7 +9,14 @@ import lightning as L
 import torch
 
 from rlhf.distributed import consolidate_on_rank_zero
-from rlhf.models.loading import LoraSettings, ModelSettings, load_tokenizer, resolve_model_path
+from rlhf.models.loading import (
+    LoraSettings,
+    ModelSettings,
+    apply_lora,
+    load_causal_lm,
+    load_tokenizer,
+    resolve_model_path,
+)
 
 # Hyperparameters hold these dataclasses; let Lightning's weights-only checkpoint loading read them.
 torch.serialization.add_safe_globals([ModelSettings, LoraSettings])
@@ -80,6 +87,12 @@ class StageModule(L.LightningModule):
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
+
+    def load_base_model(self, adapter_name: str = "default") -> torch.nn.Module:
+        """The ``base`` causal LM at the run's precision (:meth:`run_precision`), with a LoRA
+        adapter named ``adapter_name`` when ``base.lora`` is set (base frozen then)."""
+        model = load_causal_lm(self.base, self.run_precision())
+        return apply_lora(model, self.base.lora, adapter_name) if self.base.lora else model
 
     def run_precision(self) -> str | None:
         """The attached trainer's precision (``"bf16-mixed"``, ``"32-true"``, ...), or ``None``

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from resume_runs import subprocess_env
+from resume_runs import subprocess_env, tiny_ppo_model
 
 REPO = Path(__file__).resolve().parents[1]
 STRATEGY_CONFIGS = {name: REPO / "configs" / "strategy" / f"{name}.yaml" for name in ("ddp", "fsdp2", "fsdp")}
@@ -63,26 +63,28 @@ def data_args(path: str, batch_size: int) -> dict[str, Any]:
             "max_length": 48, "max_prompt_length": 24}
 
 
-def sft_config(root: Path, model: Path, demos: str, batch_size: int, steps: int, **trainer: Any) -> dict[str, Any]:
+def lora_stage_config(root: Path, model_class: str, model: Path, data_class: str, data: str,
+                      batch_size: int, steps: int, **trainer: Any) -> dict[str, Any]:
+    """``model_class`` (a rank-4 LoRA on ``model``, lr 1e-2, saving to ``root/out``) trained
+    on ``data_class`` over the file ``data`` for ``steps`` optimizer steps."""
     return {
         "seed_everything": 0,
         "trainer": trainer_args(root, steps, **trainer),
-        "model": {"class_path": "rlhf.sft.SFTModule", "init_args": {
+        "model": {"class_path": model_class, "init_args": {
             "base": {"name_or_path": str(model), "lora": {"r": 4}}, "lr": 1e-2,
             "output_dir": str(root / "out")}},
-        "data": {"class_path": "rlhf.data.DemonstrationDataModule", "init_args": data_args(demos, batch_size)},
+        "data": {"class_path": data_class, "init_args": data_args(data, batch_size)},
     }
+
+
+def sft_config(root: Path, model: Path, demos: str, batch_size: int, steps: int, **trainer: Any) -> dict[str, Any]:
+    return lora_stage_config(root, "rlhf.sft.SFTModule", model, "rlhf.data.DemonstrationDataModule", demos,
+                             batch_size, steps, **trainer)
 
 
 def rm_config(root: Path, model: Path, prefs: str, batch_size: int, steps: int, **trainer: Any) -> dict[str, Any]:
-    return {
-        "seed_everything": 0,
-        "trainer": trainer_args(root, steps, **trainer),
-        "model": {"class_path": "rlhf.rm.RewardModule", "init_args": {
-            "base": {"name_or_path": str(model), "lora": {"r": 4}}, "lr": 1e-2,
-            "output_dir": str(root / "out")}},
-        "data": {"class_path": "rlhf.data.ComparisonDataModule", "init_args": data_args(prefs, batch_size)},
-    }
+    return lora_stage_config(root, "rlhf.rm.RewardModule", model, "rlhf.data.ComparisonDataModule", prefs,
+                             batch_size, steps, **trainer)
 
 
 def ppo_config(root: Path, policy: Path, reward_model: Path, prompts: str, batch_size: int,
@@ -93,13 +95,7 @@ def ppo_config(root: Path, policy: Path, reward_model: Path, prompts: str, batch
     return {
         "seed_everything": 0,
         "trainer": trainer_args(root, -1, callbacks=callbacks, **trainer),
-        "model": {"class_path": "rlhf.ppo.PPOModule", "init_args": {
-            "base": {"name_or_path": str(policy), "lora": {"r": 4}},
-            "reward": {"model": str(reward_model)},
-            "sampling": {"max_new_tokens": 6, "temperature": 1.0},
-            "update": {"ppo_epochs": 1, "minibatch_size": 2},
-            "iterations": iterations, "sample_every": 1, "lr": 3e-2,
-            "output_dir": str(root / "out")}},
+        "model": tiny_ppo_model(policy, reward_model, iterations, 3e-2, root / "out"),
         "data": {"class_path": "rlhf.data.PromptDataModule", "init_args": data_args(prompts, batch_size)},
     }
 

@@ -40,6 +40,19 @@ def write_prompts(path: Path, n: int = 12) -> str:
     return str(path)
 
 
+def tiny_ppo_model(policy: Path, reward_model: Path, iterations: int, lr: float, output_dir: Path) -> dict[str, Any]:
+    """The ``model:`` entry of a tiny PPO run: a rank-4 LoRA policy, 6 sampled tokens at
+    temperature 1, one PPO epoch in minibatches of 2, a sample table every iteration."""
+    return {"class_path": "rlhf.ppo.PPOModule", "init_args": {
+        "base": {"name_or_path": str(policy), "lora": {"r": 4}},
+        "reward": {"model": str(reward_model)},
+        "sampling": {"max_new_tokens": 6, "temperature": 1.0},
+        "update": {"ppo_epochs": 1, "minibatch_size": 2},
+        "iterations": iterations, "sample_every": 1, "lr": lr,
+        "output_dir": str(output_dir),
+    }}
+
+
 def ppo_config(
     root: Path,
     policy: Path,
@@ -76,14 +89,7 @@ def ppo_config(
             "enable_checkpointing": bool(checkpoint_every),
             "default_root_dir": str(run), "logger": loggers, "callbacks": callbacks,
         },
-        "model": {"class_path": "rlhf.ppo.PPOModule", "init_args": {
-            "base": {"name_or_path": str(policy), "lora": {"r": 4}},
-            "reward": {"model": str(reward_model)},
-            "sampling": {"max_new_tokens": 6, "temperature": 1.0},
-            "update": {"ppo_epochs": 1, "minibatch_size": 2},
-            "iterations": iterations, "sample_every": 1, "lr": 3e-3,
-            "output_dir": str(root / "out"),
-        }},
+        "model": tiny_ppo_model(policy, reward_model, iterations, 3e-3, root / "out"),
         "data": {"class_path": "rlhf.data.PromptDataModule", "init_args": {
             "train": {"path": prompts}, "val_fraction": 0.0, "batch_size": 4,
             "max_length": 48, "max_prompt_length": 24,

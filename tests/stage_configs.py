@@ -44,41 +44,41 @@ def tiny_data_files(root: Path) -> dict[str, str]:
     }
 
 
-def sft_config(root: Path, model: str, demos: str, steps: int = 2) -> dict[str, Any]:
+def stage_config(root: Path, stage: str, steps: int, model_class: str, model: str, data_class: str,
+                 data: str, validate_before_fit: bool = False,
+                 init_args: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Stage ``stage`` logging under ``root/runs/<stage>`` and saving to ``root/out/<stage>``:
+    ``model_class`` with a rank-4 LoRA on ``model`` (plus ``init_args``, which may override any
+    of its arguments), on ``data_class`` over the file ``data``."""
     return {
-        "seed_everything": 0, "validate_before_fit": True,
-        "trainer": trainer_args(root / "runs/sft", steps),
-        "model": {"class_path": "rlhf.sft.SFTModule", "init_args": {
+        "seed_everything": 0,
+        **({"validate_before_fit": True} if validate_before_fit else {}),
+        "trainer": trainer_args(root / "runs" / stage, steps),
+        "model": {"class_path": model_class, "init_args": {
             "base": {"name_or_path": model, "lora": {"r": 4}},
-            "output_dir": str(root / "out/sft")}},
-        "data": {"class_path": "rlhf.data.DemonstrationDataModule",
-                 "init_args": {"train": {"path": demos}, **DATA_ARGS}},
+            "output_dir": str(root / "out" / stage), **(init_args or {})}},
+        "data": {"class_path": data_class, "init_args": {"train": {"path": data}, **DATA_ARGS}},
     }
+
+
+def sft_config(root: Path, model: str, demos: str, steps: int = 2) -> dict[str, Any]:
+    return stage_config(root, "sft", steps, "rlhf.sft.SFTModule", model,
+                        "rlhf.data.DemonstrationDataModule", demos, validate_before_fit=True)
 
 
 def rm_config(root: Path, model: str, prefs: str, steps: int = 2) -> dict[str, Any]:
-    return {
-        "seed_everything": 0,
-        "trainer": trainer_args(root / "runs/rm", steps),
-        "model": {"class_path": "rlhf.rm.RewardModule", "init_args": {
-            "base": {"name_or_path": model, "lora": {"r": 4}},
-            "output_dir": str(root / "out/rm")}},
-        "data": {"class_path": "rlhf.data.ComparisonDataModule",
-                 "init_args": {"train": {"path": prefs}, **DATA_ARGS}},
-    }
+    return stage_config(root, "rm", steps, "rlhf.rm.RewardModule", model,
+                        "rlhf.data.ComparisonDataModule", prefs)
 
 
 def ppo_config(root: Path, model: str, prompts: str, iterations: int = 2, **init_args: Any) -> dict[str, Any]:
-    return {
-        "seed_everything": 0, "validate_before_fit": True,
-        "trainer": {**trainer_args(root / "runs/ppo", iterations), "max_steps": -1, "max_epochs": -1},
-        "model": {"class_path": "rlhf.ppo.PPOModule", "init_args": {
-            "base": {"name_or_path": model, "lora": {"r": 4}},
-            "reward": {"model": str(root / "out/rm")},
-            "sampling": {"max_new_tokens": 6},
-            "update": {"ppo_epochs": 1},
-            "iterations": iterations, "sample_every": 1,
-            "output_dir": str(root / "out/ppo"), **init_args}},
-        "data": {"class_path": "rlhf.data.PromptDataModule",
-                 "init_args": {"train": {"path": prompts}, **DATA_ARGS}},
+    ppo_args = {
+        "reward": {"model": str(root / "out/rm")},
+        "sampling": {"max_new_tokens": 6},
+        "update": {"ppo_epochs": 1},
+        "iterations": iterations, "sample_every": 1, **init_args,
     }
+    config = stage_config(root, "ppo", iterations, "rlhf.ppo.PPOModule", model,
+                          "rlhf.data.PromptDataModule", prompts, validate_before_fit=True, init_args=ppo_args)
+    config["trainer"].update(max_steps=-1, max_epochs=-1)
+    return config

@@ -22,6 +22,18 @@ def write_jsonl(path, rows):
     return str(path)
 
 
+def set_up(cls, path, tokenizer, **options):
+    """A ``cls`` data module over the JSONL file ``path`` (no validation split), set up."""
+    dm = cls(train=DataSource(path), tokenizer=tokenizer, val_fraction=0.0, **options)
+    dm.setup("fit")
+    return dm
+
+
+def first_batch(dm, batch_size=2):
+    """The first batch of ``dm``'s training data in file order."""
+    return next(iter(dm._loader(dm.train_dataset, batch_size, shuffle=False)))
+
+
 def test_truncate_pair_keeps_response_and_prompt_end():
     pair = truncate_pair(list(range(10)), [100, 101, 102], max_length=8, max_prompt_length=5)
     assert pair.prompt_ids == [5, 6, 7, 8, 9]
@@ -102,14 +114,9 @@ def test_preference_groups_encode_each_completion_once(tmp_path, tiny_model_dir)
         {"prompt": "p1", "chosen": "good", "rejected": "bad", "margin": 2.0},
         {"prompt": "p1", "chosen": "good", "rejected": "awful"},
     ]
-    dm = ComparisonDataModule(
-        train=DataSource(write_jsonl(tmp_path / "c.jsonl", rows)),
-        tokenizer=tiny_model_dir,
-        val_fraction=0.0,
-        batch_size=2,
-    )
-    dm.setup("fit")
-    batch = next(iter(dm._loader(dm.train_dataset, 2, shuffle=False)))
+    dm = set_up(ComparisonDataModule, write_jsonl(tmp_path / "c.jsonl", rows), tiny_model_dir,
+                batch_size=2)
+    batch = first_batch(dm)
     # 3 completions of p0 + 3 distinct completions of p1 (the "good" one shared)
     assert batch["input_ids"].shape[0] == 6
     assert batch["group"].tolist() == [0, 0, 0, 1, 1, 1]
@@ -121,14 +128,9 @@ def test_preference_groups_encode_each_completion_once(tmp_path, tiny_model_dir)
 
 def test_prompts_are_left_padded(tmp_path, tiny_model_dir):
     rows = [{"prompt": "short"}, {"prompt": "a much longer prompt than the other one"}]
-    dm = PromptDataModule(
-        train=DataSource(write_jsonl(tmp_path / "p.jsonl", rows)),
-        tokenizer=tiny_model_dir,
-        val_fraction=0.0,
-        batch_size=2,
-    )
-    dm.setup("fit")
-    batch = next(iter(dm._loader(dm.train_dataset, 2, shuffle=False)))
+    dm = set_up(PromptDataModule, write_jsonl(tmp_path / "p.jsonl", rows), tiny_model_dir,
+                batch_size=2)
+    batch = first_batch(dm)
     mask = batch["attention_mask"]
     assert mask[:, -1].all()  # every prompt ends at the last column
     assert not mask[0, 0] and mask[1, 0]
@@ -150,9 +152,8 @@ def test_long_prompts_drop_or_truncate(tmp_path, tiny_model_dir, kind):
     path = write_jsonl(tmp_path / "rows.jsonl", [row(short), row(long), row(short + "!")])
 
     def encoded(long_prompts):
-        dm = cls(train=DataSource(path), tokenizer=tiny_model_dir, val_fraction=0.0,
-                 max_length=48, max_prompt_length=24, long_prompts=long_prompts)
-        dm.setup("fit")
+        dm = set_up(cls, path, tiny_model_dir, max_length=48, max_prompt_length=24,
+                    long_prompts=long_prompts)
         return dm, [len(item["prompt_ids"]) for item in dm.train_dataset]
 
     dm, lengths = encoded("truncate")

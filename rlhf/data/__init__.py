@@ -8,6 +8,7 @@ from rlhf.data.datamodules import (
     PromptDataModule,
     RLHFDataModule,
 )
+from rlhf.data.datasource import DataSource
 from rlhf.data.errors import DataError, RowProblem, SkippedRows
 from rlhf.data.readers import iter_rows
 from rlhf.data.records import (
@@ -24,7 +25,6 @@ from rlhf.data.records import (
     conversation_text,
 )
 from rlhf.data.sources import (
-    DataSource,
     LoadResult,
     RecordKind,
     load_records,

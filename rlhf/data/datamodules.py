@@ -19,9 +19,10 @@ import torch
 from torch.utils.data import DataLoader
 
 from rlhf.data.collate import DemonstrationCollator, PreferenceCollator, PromptCollator
+from rlhf.data.datasource import DataSource
 from rlhf.data.records import Comparison, Conversation, Demonstration, PromptRecord, Ranking
 from rlhf.data.sampling import ResumableRandomSampler, ResumedDataLoader
-from rlhf.data.sources import DataSource, load_records
+from rlhf.data.sources import load_records
 from rlhf.data.tokenization import PromptFormatter, truncate_pair
 
 log = logging.getLogger("rlhf.data")
@@ -77,6 +78,8 @@ class RLHFDataModule(L.LightningDataModule):
     """
 
     record_kind: ClassVar[str]
+    #: Pads a list of encoded units into a batch; built as ``collator_class(pad_id, multiple_of)``.
+    collator_class: ClassVar[type]
 
     def __init__(
         self,
@@ -142,13 +145,14 @@ class RLHFDataModule(L.LightningDataModule):
         """Group records into the units a batch is made of (default: one record each)."""
         return records
 
-    def encode(self, unit: Any, index: int) -> dict[str, Any] | None:
-        """Token ids for one unit, or ``None`` to drop it (e.g. nothing left after truncation)."""
+    def encode_unit(self, unit: Any, prompt_ids: list[int], index: int) -> dict[str, Any] | None:
+        """Token ids for one unit, given its prompt's untruncated ids, or ``None`` to drop it
+        (e.g. nothing left after truncation)."""
         raise NotImplementedError
 
     def collator(self) -> Any:
         """The callable that pads a list of encoded units into a batch."""
-        raise NotImplementedError
+        return self.collator_class(self.tokenizer.pad_token_id, self.pad_to_multiple_of)
 
     # -- shared machinery ----------------------------------------------------------------
     def _resolve_tokenizer(self) -> None:
@@ -208,14 +212,23 @@ class RLHFDataModule(L.LightningDataModule):
             for logger in self.trainer.loggers:
                 logger.log_hyperparams({f"data/{k}": v for k, v in self.stats.items()})
 
-    def _loader(self, dataset: ListDataset, batch_size: int, shuffle: bool) -> DataLoader:
-        return DataLoader(
+    def _loader(
+        self,
+        dataset: ListDataset,
+        batch_size: int,
+        shuffle: bool = False,
+        loader_class: type[DataLoader] = DataLoader,
+        **options: Any,
+    ) -> DataLoader:
+        """A ``loader_class`` over ``dataset`` with this module's collator and workers."""
+        return loader_class(
             dataset,
             batch_size=batch_size,
             shuffle=shuffle,
             collate_fn=self.collator(),
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
+            **options,
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -233,14 +246,8 @@ class RLHFDataModule(L.LightningDataModule):
             loader, extra = ResumedDataLoader, {"generator": torch.Generator()}
             self._resume_at = None
         self.train_sampler = sampler
-        return loader(
-            self.train_dataset,
-            batch_size=self.batch_size,
-            sampler=sampler,
-            collate_fn=self.collator(),
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            **extra,
+        return self._loader(
+            self.train_dataset, self.batch_size, loader_class=loader, sampler=sampler, **extra
         )
 
     def state_dict(self) -> dict[str, Any]:
@@ -277,6 +284,12 @@ class RLHFDataModule(L.LightningDataModule):
             return True
         return False
 
+    def encode(self, unit: Any, index: int) -> dict[str, Any] | None:
+        """Token ids for one unit (:meth:`encode_unit`), or ``None`` to drop it: also when
+        :meth:`drops_prompt` drops its prompt (``unit.prompt``)."""
+        prompt_ids = self.formatter.prompt_ids(unit.prompt)
+        return None if self.drops_prompt(prompt_ids) else self.encode_unit(unit, prompt_ids, index)
+
     def pair_ids(
         self, prompt: Conversation, response: str, prompt_ids: list[int]
     ) -> tuple[list[int], list[int]]:
@@ -296,16 +309,13 @@ class DemonstrationDataModule(RLHFDataModule):
     """Prompt/response demonstrations for SFT. Batch: see :class:`DemonstrationCollator`."""
 
     record_kind = "demonstration"
+    collator_class = DemonstrationCollator
 
-    def encode(self, unit: Demonstration, index: int) -> dict[str, Any] | None:
-        prompt_ids = self.formatter.prompt_ids(unit.prompt)
-        if self.drops_prompt(prompt_ids):
-            return None
+    def encode_unit(
+        self, unit: Demonstration, prompt_ids: list[int], index: int
+    ) -> dict[str, Any] | None:
         prompt_ids, response_ids = self.pair_ids(unit.prompt, unit.response, prompt_ids)
         return {"prompt_ids": prompt_ids, "response_ids": response_ids} if response_ids else None
-
-    def collator(self) -> DemonstrationCollator:
-        return DemonstrationCollator(self.tokenizer.pad_token_id, self.pad_to_multiple_of)
 
 
 class PreferenceGroup:
@@ -348,40 +358,31 @@ class ComparisonDataModule(RLHFDataModule):
     """
 
     record_kind = "preference"
+    collator_class = PreferenceCollator
 
     def units(self, records: list[Comparison | Ranking]) -> list[PreferenceGroup]:
         return group_preferences(records)
 
-    def encode(self, unit: PreferenceGroup, index: int) -> dict[str, Any] | None:
-        full_prompt_ids = self.formatter.prompt_ids(unit.prompt)
-        if self.drops_prompt(full_prompt_ids):
-            return None
-        encoded = [self.pair_ids(unit.prompt, c, full_prompt_ids) for c in unit.completions]
+    def encode_unit(
+        self, unit: PreferenceGroup, prompt_ids: list[int], index: int
+    ) -> dict[str, Any] | None:
+        encoded = [self.pair_ids(unit.prompt, c, prompt_ids) for c in unit.completions]
         if any(not response for _, response in encoded):
             return None
         # Truncation keeps the prompt identical for every completion of the group.
-        prompt_ids = encoded[0][0]
         return {
-            "prompt_ids": prompt_ids,
+            "prompt_ids": encoded[0][0],
             "completion_ids": [response for _, response in encoded],
             "pairs": list(unit.pairs),
             "margins": list(unit.margins),
         }
-
-    def collator(self) -> PreferenceCollator:
-        return PreferenceCollator(self.tokenizer.pad_token_id, self.pad_to_multiple_of)
 
 
 class PromptDataModule(RLHFDataModule):
     """Prompts for PPO rollouts, left-padded for generation (see :class:`PromptCollator`)."""
 
     record_kind = "prompt"
+    collator_class = PromptCollator
 
-    def encode(self, unit: PromptRecord, index: int) -> dict[str, Any] | None:
-        ids = self.formatter.prompt_ids(unit.prompt)
-        if self.drops_prompt(ids):
-            return None
-        return {"prompt_ids": ids[-self.max_prompt_length :], "index": index}
-
-    def collator(self) -> PromptCollator:
-        return PromptCollator(self.tokenizer.pad_token_id, self.pad_to_multiple_of)
+    def encode_unit(self, unit: PromptRecord, prompt_ids: list[int], index: int) -> dict[str, Any]:
+        return {"prompt_ids": prompt_ids[-self.max_prompt_length :], "index": index}

@@ -12,14 +12,10 @@ import json
 import os
 import zlib
 from collections.abc import Iterator
-from typing import IO, TYPE_CHECKING, Any, Literal
+from typing import IO, Any
 
+from rlhf.data.datasource import Container, DataSource
 from rlhf.data.errors import DataError, RowLabel
-
-if TYPE_CHECKING:
-    from rlhf.data.sources import DataSource
-
-Container = Literal["jsonl", "json", "datasets", "disk"]
 
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".ndjson")
 JSON_SUFFIXES = (".json", ".json.gz")

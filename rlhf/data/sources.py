@@ -18,9 +18,10 @@ import logging
 import math
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
+from rlhf.data.datasource import DataSource
 from rlhf.data.errors import DataError, RowProblem, SkippedRows
 from rlhf.data.readers import iter_raw_rows, row_label
 from rlhf.data.records import (
@@ -36,7 +37,6 @@ from rlhf.data.records import (
 logger = logging.getLogger("rlhf.data")
 
 RecordKind = Literal["demonstration", "comparison", "ranking", "preference", "prompt"]
-Schema = Literal["fields", "hh_rlhf", "alpaca"]
 OnBadRow = Literal["error", "skip"]
 
 #: Canonical field names each schema reads (keys allowed in ``DataSource.fields``).
@@ -55,20 +55,6 @@ SCHEMA_KINDS: dict[str, tuple[str, ...]] = {
 }
 #: How many bad rows are logged one by one in skip mode.
 LOGGED_BAD_ROWS = 3
-
-
-@dataclass
-class DataSource:
-    """Where records come from and how their rows are laid out."""
-
-    path: str  # file, save_to_disk dir, or a `datasets` name / local data dir
-    format: Literal["auto", "jsonl", "json", "datasets", "disk"] = "auto"
-    schema: Schema = "fields"
-    fields: dict[str, str] = field(default_factory=dict)  # canonical name -> column name
-    split: str = "train"  # datasets / disk only
-    subset: str | None = None  # datasets config name
-    data_dir: str | None = None
-    limit: int | None = None  # keep the first N good rows
 
 
 @dataclass

@@ -2,47 +2,57 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from torchmetrics import Metric
 
 
-class PairwiseAccuracy(Metric):
-    """Fraction of pairs with ``chosen > rejected``; a tie counts as wrong."""
+class PairMean(Metric):
+    """Mean over all pairs of a per-pair value of the ``chosen`` and ``rejected`` scores.
+
+    Subclasses give :meth:`pair_values` and ``sum_dtype``, the dtype the sum is kept in.
+    """
 
     is_differentiable = False
     higher_is_better = True
     full_state_update = False
+    sum_dtype: ClassVar[torch.dtype]
 
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
-        self.add_state("correct", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
-        self.add_state("total", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
-
-    def update(self, chosen: torch.Tensor, rejected: torch.Tensor) -> None:
-        """``chosen``, ``rejected``: ``[P]`` scores of the pairs."""
-        self.correct += (chosen.detach() > rejected.detach()).sum()
-        self.total += chosen.numel()
-
-    def compute(self) -> torch.Tensor:
-        return self.correct.float() / self.total.clamp(min=1)
-
-
-class MeanMargin(Metric):
-    """Mean of ``chosen - rejected`` over all pairs."""
-
-    is_differentiable = False
-    higher_is_better = True
-    full_state_update = False
-
-    def __init__(self, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.add_state("total", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("total", torch.tensor(0, dtype=self.sum_dtype), dist_reduce_fx="sum")
         self.add_state("count", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
+    def pair_values(self, chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
+        """``[P]`` values to average, from the detached ``[P]`` scores of the pairs."""
+        raise NotImplementedError
+
     def update(self, chosen: torch.Tensor, rejected: torch.Tensor) -> None:
         """``chosen``, ``rejected``: ``[P]`` scores of the pairs."""
-        self.total += (chosen.detach().double() - rejected.detach().double()).sum()
+        self.total += self.pair_values(chosen.detach(), rejected.detach()).sum()
         self.count += chosen.numel()
+
+
+class PairwiseAccuracy(PairMean):
+    """Fraction of pairs with ``chosen > rejected``; a tie counts as wrong."""
+
+    sum_dtype = torch.long
+
+    def pair_values(self, chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
+        return chosen > rejected
+
+    def compute(self) -> torch.Tensor:
+        return self.total.float() / self.count.clamp(min=1)
+
+
+class MeanMargin(PairMean):
+    """Mean of ``chosen - rejected`` over all pairs (summed in float64)."""
+
+    sum_dtype = torch.float64
+
+    def pair_values(self, chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
+        return chosen.double() - rejected.double()
 
     def compute(self) -> torch.Tensor:
         return (self.total / self.count.clamp(min=1)).float()

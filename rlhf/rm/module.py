@@ -11,7 +11,7 @@ from torchmetrics import CatMetric, MeanMetric, Metric
 
 from rlhf.distributed import shard_model
 from rlhf.models.forward import adapter_inputs_left_to_autocast
-from rlhf.models.loading import ModelSettings, apply_lora, load_causal_lm
+from rlhf.models.loading import ModelSettings
 from rlhf.outputs import atomic_directory, write_stage_marker
 from rlhf.rm.loss import bradley_terry_loss
 from rlhf.rm.metrics import MeanMargin, PairwiseAccuracy, StdMetric
@@ -85,9 +85,7 @@ class RewardModule(StageModule):
     def configure_model(self) -> None:
         if self.model is not None:
             return
-        backbone = load_causal_lm(self.base, self.run_precision())
-        if self.base.lora:
-            backbone = apply_lora(backbone, self.base.lora)
+        backbone = self.load_base_model()
         # from_pretrained returns eval mode and Lightning keeps modules' modes; train mode is
         # needed for gradient checkpointing (dropout is 0 either way).
         self.model = RewardModel(backbone).train()

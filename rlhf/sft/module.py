@@ -14,7 +14,7 @@ from rlhf.models.forward import (
     causal_lm_of,
     trunk_hidden,
 )
-from rlhf.models.loading import ModelSettings, apply_lora, load_causal_lm
+from rlhf.models.loading import ModelSettings
 from rlhf.outputs import atomic_directory, write_stage_marker
 from rlhf.sft.loss import labelled_nll
 from rlhf.stage import StageModule
@@ -56,8 +56,7 @@ class SFTModule(StageModule):
     def configure_model(self) -> None:
         if self.model is not None:
             return
-        model = load_causal_lm(self.base, self.run_precision())
-        model = apply_lora(model, self.base.lora) if self.base.lora else model
+        model = self.load_base_model()
         # from_pretrained returns eval mode and Lightning keeps module modes: train mode is
         # what makes dropout and gradient checkpointing act.
         self.model = model.train()
