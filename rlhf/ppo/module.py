@@ -31,7 +31,7 @@ from rlhf.distributed import shard_model
 from rlhf.generation import SamplingSettings, Scorer, assemble_sequences, sample_and_record, sample_responses
 from rlhf.guards import NonFiniteGuard
 from rlhf.models.forward import adapter_inputs_left_to_autocast, disable_dropout, trunk_hidden
-from rlhf.models.loading import ModelSettings, apply_lora, load_causal_lm
+from rlhf.models.loading import ModelSettings, apply_lora
 from rlhf.models.logprobs import response_logprobs
 from rlhf.ppo.advantages import Estimator, compute_advantages
 from rlhf.ppo.kl import AdaptiveKLController, FixedKLController, kl_estimate
@@ -134,8 +134,7 @@ class PPOModule(StageModule):
     def configure_model(self) -> None:
         if self.model is not None:
             return
-        model = load_causal_lm(self.base, self.run_precision())
-        model = apply_lora(model, self.base.lora, adapter_name=POLICY)
+        model = self.load_base_model(adapter_name=POLICY)
         if self.uses_critic and self.critic == "adapter":
             model = apply_lora(model, self.base.lora, adapter_name=VALUE)
             model.set_adapter(POLICY)
