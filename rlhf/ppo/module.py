@@ -157,7 +157,7 @@ class PPOModule(StageModule):
         if stage in ("fit", "validate") and self.scorer is None:
             if self.reward_settings is None:
                 raise ValueError("no reward: set model.init_args.reward.model to the RM stage output")
-            from rlhf.ppo.reward import check_reward_model
+            from rlhf.models.scorers import check_reward_model
 
             check_reward_model(self.reward_settings.model)  # before the policy is loaded
 
@@ -176,9 +176,11 @@ class PPOModule(StageModule):
         """The reward model of ``reward.model`` as a scorer (sharing the base when it can)."""
         if self.reward_settings is None:
             raise ValueError("no reward: set model.init_args.reward.model to the RM stage output")
-        from rlhf.ppo.reward import load_scorer
+        from rlhf.models.scorers import load_scorer
 
-        scorer, mean, std = load_scorer(self.reward_settings, self.model, self.base, self.tokenizer)
+        scorer, mean, std = load_scorer(
+            self.reward_settings.model, self.reward_settings.share_base, self.model, self.base, self.tokenizer
+        )
         self.score_mean, self.score_std = mean, std
         return scorer
 

@@ -1,4 +1,5 @@
-"""Reward-model scorers for PPO: a separate model, or an adapter on the policy's own base."""
+"""Reward-model scorers for the stages that score samples (PPO, rejection sampling, best-of-n):
+a separate model, or an adapter on the policy's own base."""
 
 from __future__ import annotations
 
@@ -12,10 +13,9 @@ from torch import nn
 from rlhf.generation import Scorer
 from rlhf.models.forward import trunk_hidden
 from rlhf.models.loading import ModelSettings
-from rlhf.ppo.settings import RewardSettings
 from rlhf.models.reward import last_token_index, load_reward_model, read_reward_model_info
 
-log = logging.getLogger("rlhf.ppo")
+log = logging.getLogger("rlhf.models")
 
 REWARD = "reward"
 
@@ -54,18 +54,17 @@ class SharedBaseScorer(nn.Module):
         return self.score_head(last.float()).squeeze(-1)
 
 
-def check_reward_model(path: str | os.PathLike) -> dict:
-    """The ``reward_model.json`` of ``path``, or a clear error naming the config key when
+def check_reward_model(path: str | os.PathLike, config_key: str = "model.init_args.reward.model") -> dict:
+    """The ``reward_model.json`` of ``path``, or a clear error naming ``config_key`` when
     ``path`` does not exist or is not a saved reward model."""
     if not Path(path).exists():
         raise FileNotFoundError(
-            f"model.init_args.reward.model: {path} does not exist (train the reward model "
-            "first: its stage's output_dir)"
+            f"{config_key}: {path} does not exist (train the reward model first: its stage's output_dir)"
         )
     try:
         return read_reward_model_info(path)
     except FileNotFoundError as err:
-        raise FileNotFoundError(f"model.init_args.reward.model: {err}") from None
+        raise FileNotFoundError(f"{config_key}: {err}") from None
 
 
 def _same_model(a: str, b: str) -> bool:
@@ -73,14 +72,19 @@ def _same_model(a: str, b: str) -> bool:
 
 
 def load_scorer(
-    settings: RewardSettings, policy_model: nn.Module, base: ModelSettings, tokenizer
+    reward_dir: str | os.PathLike,
+    share_base: bool,
+    policy_model: nn.Module,
+    base: ModelSettings,
+    tokenizer,  # noqa: ANN001 (a transformers tokenizer)
 ) -> tuple[Scorer, float, float]:
-    """The scorer for ``settings.model`` and the RM's recorded score mean and std.
+    """The scorer for the reward model saved in ``reward_dir`` and its recorded score mean and std.
 
-    Shares the policy's base when the RM was saved as a LoRA adapter on that same base and
-    ``settings.share_base`` is on; otherwise loads the RM as its own model.
+    Shares the policy's base (``policy_model``, a peft model on ``base``) when the RM was saved
+    as a LoRA adapter on that same base and ``share_base`` is on; otherwise loads the RM as its
+    own model. Raises ``ValueError`` when the RM's tokenizer differs from ``tokenizer``.
     """
-    path = Path(settings.model)
+    path = Path(reward_dir)
     info = read_reward_model_info(path)  # clear error when the path is not a saved RM
     rm_vocab = None
     tokenizer_dir = info.get("tokenizer_dir")
@@ -91,11 +95,11 @@ def load_scorer(
         if rm_vocab != tokenizer.get_vocab():
             raise ValueError(
                 f"the reward model at {path} uses a different tokenizer than the policy "
-                f"({base.name_or_path}); PPO scores token ids directly, so they must match"
+                f"({base.name_or_path}); samples are scored as token ids, so they must match"
             )
     mean, std = float(info.get("score_mean", 0.0)), float(info.get("score_std", 1.0))
     share = (
-        settings.share_base
+        share_base
         and info.get("adapter_dir")
         and info.get("base_model")
         and _same_model(info["base_model"], base.name_or_path)
