@@ -114,7 +114,7 @@ def test_ppo_raises_a_token_count_reward_and_a_huge_kl_coef_holds_it_at_the_refe
     assert last < first + 0.5, (first, last)
 
 
-@pytest.mark.parametrize("estimator", ["rloo", "grpo"])
+@pytest.mark.parametrize("estimator", ["rloo", "grpo", "reinforce"])
 def test_critic_free_estimators_learn(tmp_path, tiny_policy_dir, estimator):
     torch.manual_seed(0)
     module = make_module(tiny_policy_dir, estimator=estimator, samples_per_prompt=4,

@@ -6,8 +6,15 @@ import torch
 from torch.testing import assert_close
 
 from rlhf.masks import masked_sum, masked_whiten
-from rlhf.ppo.advantages import compute_advantages, gae, rloo_advantages, sequence_to_token_advantages
-from rlhf.ppo.kl import per_token_rewards
+from rlhf.ppo.advantages import (
+    compute_advantages,
+    gae,
+    reinforce_advantages,
+    rloo_advantages,
+    scale_sequence_advantages,
+    sequence_to_token_advantages,
+)
+from rlhf.ppo.kl import kl_estimate, masked_kl, per_token_rewards
 from rlhf.ppo.scores import shape_scores
 from rlhf.ppo.settings import RewardSettings
 from rlhf.ppo.update import UpdateTally, shuffled_minibatches
@@ -69,10 +76,56 @@ def test_compute_advantages_rloo_uses_the_sequence_reward_and_zero_returns():
     assert torch.equal(ret, torch.zeros(4, 3))
 
 
-def test_compute_advantages_whitening_is_the_masked_whiten_of_the_unwhitened():
-    plain = compute_advantages("grpo", SCORES, KL, torch.zeros(4, 3), MASK, 0.1, 2, whiten=False)[1]
-    whitened = compute_advantages("grpo", SCORES, KL, torch.zeros(4, 3), MASK, 0.1, 2, whiten=True)[1]
+def test_compute_advantages_gae_whitening_is_the_masked_whiten_of_the_unwhitened():
+    values = torch.zeros(4, 3)
+    plain = compute_advantages("gae", SCORES, KL, values, MASK, 0.1, whiten=False)[1]
+    whitened = compute_advantages("gae", SCORES, KL, values, MASK, 0.1, whiten=True)[1]
     assert_close(whitened, masked_whiten(plain, MASK))
+
+
+def test_critic_free_whitening_keeps_order_signs_and_group_sums():
+    # The case token-level whitening got wrong: sequence advantages [1.0, 0.8, 0.2, -0.5] on
+    # responses of 40, 36, 4 and 3 tokens. Token-weighted re-centring (mean ~0.87) made the
+    # second-best response's advantage negative.
+    lengths = [40, 36, 4, 3]
+    mask = torch.zeros(4, 40)
+    for row, n in enumerate(lengths):
+        mask[row, :n] = 1
+    sequence = T([1.0, 0.8, 0.2, -0.5])
+    token_whitened = masked_whiten(sequence_to_token_advantages(sequence, mask), mask)
+    assert float(token_whitened[1, 0]) < 0  # the defect, for the record
+    scaled = scale_sequence_advantages(sequence)
+    assert (scaled > 0).tolist() == [True, True, True, False]
+    assert torch.equal(torch.argsort(scaled), torch.argsort(sequence))
+    assert_close(scaled / sequence, torch.full((4,), float(scaled[0] / sequence[0])))  # one scale
+    # Through compute_advantages: RLOO groups of 4 keep their zero sum and their order.
+    scores = T([1.0, 0.8, 0.2, -0.5, 0.3, 0.1, 0.0, 0.9])
+    mask8 = torch.cat([mask, mask])
+    kl = torch.zeros(8, 40)
+    _, adv, _ = compute_advantages("rloo", scores, kl, torch.zeros(8, 40), mask8, 0.1, samples_per_prompt=4)
+    first_token = adv[:, 0]
+    assert_close(first_token.view(2, 4).sum(dim=1), torch.zeros(2), atol=1e-6, rtol=0)
+    for group in range(2):
+        rows = slice(4 * group, 4 * group + 4)
+        assert torch.equal(torch.argsort(first_token[rows]), torch.argsort(scores[rows]))
+    assert torch.equal(adv != 0, mask8.bool())  # every valid token of a row, nothing else
+
+
+def test_reinforce_uses_the_batch_mean_baseline():
+    _, adv, ret = compute_advantages("reinforce", SCORES, KL, torch.zeros(4, 3), MASK, beta=1.0, whiten=False)
+    # sequence rewards [0.7, -0.2, 1.7, -1.4], mean 0.2
+    assert_close(adv[:, 0], T([0.5, -0.4, 1.5, -1.6]))
+    assert torch.equal(ret, torch.zeros(4, 3))
+    assert_close(reinforce_advantages(T([1.0, 3.0])), T([-1.0, 1.0]))
+
+
+def test_masked_kl_keeps_nonfinite_padding_out():
+    logp = T([[-1.0, float("nan")], [-0.5, -2.0]])
+    ref = T([[-1.5, -1.0], [-0.5, float("-inf")]])
+    mask = T([[1, 0], [1, 0]])
+    kl = masked_kl(logp, ref, mask)
+    assert torch.equal(kl, T([[0.5, 0.0], [0.0, 0.0]]))
+    assert torch.isnan(kl_estimate(logp, ref) * mask).any()  # what multiplying did
     rloo = rloo_advantages(SCORES - 0.1 * masked_sum(KL, MASK, dim=1), 2)
     assert_close(compute_advantages("rloo", SCORES, KL, torch.zeros(4, 3), MASK, 0.1, 2, whiten=False)[1],
                  sequence_to_token_advantages(rloo, MASK))

@@ -18,7 +18,10 @@ from rlhf.generation.best_of_n import prompt_groups
 from rlhf.masks import bool_mask, masked_sum, masked_var, masked_whiten
 from rlhf.ppo.kl import per_token_rewards
 
-Estimator = Literal["gae", "rloo", "grpo"]
+Estimator = Literal["gae", "rloo", "grpo", "reinforce"]
+CRITIC_FREE = ("rloo", "grpo", "reinforce")
+# Estimators that compare a prompt's samples with each other (need samples_per_prompt >= 2).
+GROUPED = ("rloo", "grpo")
 
 __all__ = [
     "gae",
@@ -27,6 +30,8 @@ __all__ = [
     "sequence_to_token_advantages",
     "explained_variance",
     "compute_advantages",
+    "reinforce_advantages",
+    "scale_sequence_advantages",
 ]
 
 
@@ -144,6 +149,30 @@ def grpo_advantages(
     return centered.reshape(-1)
 
 
+def reinforce_advantages(scores: torch.Tensor) -> torch.Tensor:
+    """REINFORCE with the batch-mean baseline (Williams 1992; Ahmadian et al. 2024):
+    ``A_i = s_i - mean(s)``.
+
+    Args:
+        scores: ``[b]`` sequence rewards.
+
+    Returns:
+        ``[b]`` advantages (sum to zero over the batch).
+    """
+    return scores - scores.mean()
+
+
+def scale_sequence_advantages(advantages: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Divide sequence advantages ``[b]`` by their standard deviation over the batch, without
+    re-centring: each sequence counts once whatever its length, so the order and the signs of
+    the advantages (and a group's zero sum) are kept. Fewer than two sequences, or all equal:
+    returned as they are."""
+    if advantages.numel() < 2:
+        return advantages
+    std = advantages.std(correction=0)
+    return advantages / (std + eps) if float(std) > 0 else advantages
+
+
 def sequence_to_token_advantages(advantages: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Broadcast per-sequence advantages to every valid token.
 
@@ -199,10 +228,13 @@ def compute_advantages(
     """Per-token rewards, advantages and returns of one rollout.
 
     ``gae``: the per-token reward ``-beta * kl`` plus ``scores`` on the last valid token, then
-    :func:`gae` against ``values``. ``rloo`` / ``grpo`` (critic-free): one reward per sequence,
-    ``score - beta * sum(kl)``, compared within each prompt's ``samples_per_prompt`` samples
-    and broadcast to its tokens; returns are zeros. ``whiten`` standardises the advantages over
-    the valid tokens of the batch (:func:`rlhf.masks.masked_whiten`).
+    :func:`gae` against ``values``; ``whiten`` standardises the advantages over the valid tokens
+    of the batch (:func:`rlhf.masks.masked_whiten`). ``rloo`` / ``grpo`` / ``reinforce``
+    (critic-free): one reward per sequence, ``score - beta * sum(kl)``, compared within each
+    prompt's ``samples_per_prompt`` samples (``reinforce``: with the batch mean) and broadcast to
+    its tokens; returns are zeros. There ``whiten`` only scales the sequence advantages
+    (:func:`scale_sequence_advantages`): token-level whitening would re-centre them by a
+    token-weighted mean, so long responses would weigh more and signs could flip.
 
     Args:
         scores: ``[b]`` shaped sequence scores (a prompt's samples contiguous).
@@ -216,13 +248,19 @@ def compute_advantages(
     rewards = per_token_rewards(scores, kl, mask, beta)
     if estimator == "gae":
         advantages, returns = gae(rewards, values, mask, gamma, lam)
-    elif estimator in ("rloo", "grpo"):
-        sequence_reward = scores - beta * masked_sum(kl, mask, dim=1)
-        estimate = rloo_advantages if estimator == "rloo" else grpo_advantages
-        advantages = sequence_to_token_advantages(estimate(sequence_reward, samples_per_prompt), mask)
-        returns = torch.zeros_like(advantages)
+        if whiten:
+            advantages = masked_whiten(advantages, mask)
+        return rewards, advantages, returns
+    sequence_reward = scores - beta * masked_sum(kl, mask, dim=1)
+    if estimator == "rloo":
+        sequence_advantages = rloo_advantages(sequence_reward, samples_per_prompt)
+    elif estimator == "grpo":
+        sequence_advantages = grpo_advantages(sequence_reward, samples_per_prompt)
+    elif estimator == "reinforce":
+        sequence_advantages = reinforce_advantages(sequence_reward)
     else:
-        raise ValueError(f"unknown advantage estimator {estimator!r} (gae, rloo or grpo)")
+        raise ValueError(f"unknown advantage estimator {estimator!r} (gae, rloo, grpo or reinforce)")
     if whiten:
-        advantages = masked_whiten(advantages, mask)
-    return rewards, advantages, returns
+        sequence_advantages = scale_sequence_advantages(sequence_advantages)
+    advantages = sequence_to_token_advantages(sequence_advantages, mask)
+    return rewards, advantages, torch.zeros_like(advantages)

@@ -19,6 +19,7 @@ from rlhf.masks import bool_mask, last_valid_index
 
 __all__ = [
     "kl_estimate",
+    "masked_kl",
     "per_token_rewards",
     "FixedKLController",
     "AdaptiveKLController",
@@ -57,6 +58,13 @@ def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, kind: KLKind = "k1")
         neg = -log_r  # log(ref / pi)
         return (torch.expm1(neg) - neg).clamp_min(0.0)
     raise ValueError(f"unknown KL estimator kind {kind!r}; expected 'k1', 'k2' or 'k3'")
+
+
+def masked_kl(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor, kind: KLKind = "k1") -> torch.Tensor:
+    """:func:`kl_estimate` ``[b, t]`` with invalid positions (``mask == 0``) set to exactly 0:
+    selected away, not multiplied, so an inf/NaN estimate in padding stays out."""
+    kl = kl_estimate(logp, ref_logp, kind)
+    return torch.where(bool_mask(mask, kl), kl, torch.zeros((), dtype=kl.dtype, device=kl.device))
 
 
 def per_token_rewards(

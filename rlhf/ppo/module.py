@@ -33,8 +33,8 @@ from rlhf.guards import NonFiniteGuard
 from rlhf.models.forward import adapter_inputs_left_to_autocast, disable_dropout, trunk_hidden
 from rlhf.models.loading import ModelSettings, apply_lora
 from rlhf.models.logprobs import response_logprobs
-from rlhf.ppo.advantages import Estimator, compute_advantages
-from rlhf.ppo.kl import AdaptiveKLController, FixedKLController, kl_estimate
+from rlhf.ppo.advantages import GROUPED, Estimator, compute_advantages
+from rlhf.ppo.kl import AdaptiveKLController, FixedKLController, masked_kl
 from rlhf.ppo.metrics import rollout_metrics, update_metrics
 from rlhf.ppo.outputs import save_ppo_outputs
 from rlhf.ppo.rollout import Rollout, logprobs_from_generation
@@ -60,7 +60,7 @@ class PPOModule(StageModule):
         kl: KL penalty and controller.
         update: PPO epochs, minibatches, clipping, coefficients.
         estimator: ``gae`` (critic), ``rloo`` or ``grpo`` (critic-free, need
-            ``samples_per_prompt >= 2``).
+            ``samples_per_prompt >= 2``) or ``reinforce`` (critic-free, batch-mean baseline).
         samples_per_prompt: responses sampled per prompt.
         critic: ``shared``: a value head reading the policy trunk's features (detached, so
             the value loss cannot disturb the policy; one trunk pass serves both), or
@@ -95,7 +95,7 @@ class PPOModule(StageModule):
         super().__init__(base, lr, weight_decay, warmup_steps, adam_eps, output_dir)
         if base.lora is None:
             raise ValueError("PPO trains a LoRA policy: set base.lora (e.g. {r: 16, alpha: 32})")
-        if estimator in ("rloo", "grpo") and samples_per_prompt < 2:
+        if estimator in GROUPED and samples_per_prompt < 2:
             raise ValueError(f"estimator={estimator} needs samples_per_prompt >= 2")
         self.save_hyperparameters()
         self.automatic_optimization = False
@@ -318,7 +318,7 @@ class PPOModule(StageModule):
             raw_scores = self.scorer(input_ids, attention_mask).float()
         scores = shape_scores(raw_scores, has_eos, response_mask.sum(dim=1), self.reward_settings,
                               self.score_mean, self.score_std)
-        kl = kl_estimate(logprobs, ref_logprobs, self.kl_settings.estimator) * response_mask
+        kl = masked_kl(logprobs, ref_logprobs, response_mask, self.kl_settings.estimator)
         if values is None:
             values = torch.zeros_like(logprobs)
         u = self.update_settings

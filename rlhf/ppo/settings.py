@@ -64,7 +64,9 @@ class UpdateSettings:
             this (``None`` disables).
         gamma: GAE discount.
         lam: GAE lambda.
-        whiten_advantages: standardise advantages over the buffer's valid tokens.
+        whiten_advantages: GAE: standardise advantages over the buffer's valid tokens;
+            critic-free estimators: divide the sequence advantages by their std over the
+            buffer, without re-centring (order, signs and group sums kept).
         max_nonfinite_steps: a minibatch update whose rewards, advantages, returns, loss or
             gradient are not finite is skipped (and counted); this many skipped in a row stop
             the run with an error naming what went non-finite (``0``: never stop).
