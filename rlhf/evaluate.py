@@ -32,24 +32,26 @@ from typing import Any
 
 import torch
 
+from rlhf.console import quiet_known_warnings
 from rlhf.data.datamodules import PromptDataModule
 from rlhf.data.records import conversation_text
+from rlhf.generation import SamplingSettings
 from rlhf.models.loading import resolve_dtype
 from rlhf.outputs import atomic_directory
 from rlhf.policies import (
     add_prompt_sampling_arguments,
     autocast_for,
-    generate,
     load_policy,
+    progress_bar,
     prompt_batches,
     prompt_data_from_args,
     resolve_device,
     resolve_model_dir,
     response_logprob_sums,
     same_model,
+    sample_batches,
     sampling_from_args,
 )
-from rlhf.generation import SamplingSettings
 
 log = logging.getLogger("rlhf.evaluate")
 
@@ -251,48 +253,31 @@ def sample_policy(
     progress: bool = True,
 ) -> list[SampleRow]:
     """Sample, score and measure KL for one policy over every prompt batch."""
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    pad = eos if pad is None else pad
     torch.manual_seed(seed)  # the same random stream for every policy
     rows: list[SampleRow] = []
-    total = len(texts) * samples_per_prompt
-    bar = _progress_bar(total, f"sampling {name}", progress)
-    for sample in range(samples_per_prompt):
-        for batch in batches:
-            ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-            with autocast_for(device, precision):
-                gen = generate(model, ids, mask, sampling, eos, pad)
-                logp = response_logprob_sums(model, gen, sampling.temperature)
-                ref = logp if reference is model else response_logprob_sums(reference, gen, sampling.temperature)
-                rewards = reward_model(gen.input_ids, gen.attention_mask).float()
-            for i in range(len(gen.input_ids)):
-                pid = int(batch["index"][i])
-                rows.append(
-                    SampleRow(
-                        policy=name,
-                        prompt_id=pid,
-                        sample=sample,
-                        prompt=texts[pid],
-                        response=tokenizer.decode(gen.response_ids(i), skip_special_tokens=True),
-                        reward=float(rewards[i]),
-                        kl=float(logp[i] - ref[i]),
-                        length=int(gen.lengths[i]),
-                        eos=bool(gen.has_eos[i]),
+    with progress_bar(len(texts) * samples_per_prompt, f"sampling {name}", progress) as bar:
+        for sample in range(samples_per_prompt):
+            for batch, gen in sample_batches(model, tokenizer, batches, sampling, device, precision, bar=bar):
+                with autocast_for(device, precision):
+                    logp = response_logprob_sums(model, gen, sampling.temperature)
+                    ref = logp if reference is model else response_logprob_sums(reference, gen, sampling.temperature)
+                    rewards = reward_model(gen.input_ids, gen.attention_mask).float()
+                for i in range(len(gen.input_ids)):
+                    pid = int(batch["index"][i])
+                    rows.append(
+                        SampleRow(
+                            policy=name,
+                            prompt_id=pid,
+                            sample=sample,
+                            prompt=texts[pid],
+                            response=gen.response_text(i, tokenizer),
+                            reward=float(rewards[i]),
+                            kl=float(logp[i] - ref[i]),
+                            length=int(gen.lengths[i]),
+                            eos=bool(gen.has_eos[i]),
+                        )
                     )
-                )
-            if bar is not None:
-                bar.update(len(gen.input_ids))
-    if bar is not None:
-        bar.close()
     return rows
-
-
-def _progress_bar(total: int, desc: str, enabled: bool):
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit="resp", file=sys.stderr)
 
 
 def check_reward_tokenizer(reward: str | Path, tokenizer: Any) -> None:
@@ -414,11 +399,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> Report:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    quiet_known_warnings()
     args = build_parser().parse_args(argv)
     policies = dict(args.policy)
     if len(policies) != len(args.policy):
         raise SystemExit("policy names must be unique")
-    data = prompt_data_from_args(args, tokenizer=resolve_model_dir(args.reference))
+    data = prompt_data_from_args(args, args.reference)
     sampling = sampling_from_args(args)
     report = evaluate(
         policies, args.reward, args.reference, data, sampling, split=args.split, limit=args.limit,

@@ -31,21 +31,21 @@ from typing import Any
 
 import torch
 
+from rlhf.console import quiet_known_warnings
 from rlhf.data.datamodules import PromptDataModule
 from rlhf.data.records import Conversation
+from rlhf.generation import SamplingSettings
 from rlhf.gold import GOLD_FUNCTIONS, competition_ranks, gold_function
 from rlhf.policies import (
     add_prompt_sampling_arguments,
-    autocast_for,
-    generate,
     load_policy,
+    progress_bar,
     prompt_batches,
     prompt_data_from_args,
     resolve_device,
-    resolve_model_dir,
+    sample_batches,
     sampling_from_args,
 )
-from rlhf.generation import SamplingSettings
 
 log = logging.getLogger("rlhf.export")
 
@@ -107,26 +107,11 @@ def sample_k(
     progress: bool = True,
 ) -> list[list[str]]:
     """``k`` decoded samples for each of ``n_prompts`` prompts (indexed by batch ``index``)."""
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    pad = eos if pad is None else pad
     samples: list[list[str]] = [[] for _ in range(n_prompts)]
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=n_prompts * k, desc="sampling", unit="resp", file=sys.stderr)
-    for batch in batches:
-        ids = batch["input_ids"].to(device).repeat_interleave(k, dim=0)
-        mask = batch["attention_mask"].to(device).repeat_interleave(k, dim=0)
-        with autocast_for(device, precision):
-            gen = generate(model, ids, mask, sampling, eos, pad)
-        for row in range(len(ids)):
-            prompt_id = int(batch["index"][row // k])
-            samples[prompt_id].append(tokenizer.decode(gen.response_ids(row), skip_special_tokens=True))
-        if bar is not None:
-            bar.update(len(ids))
-    if bar is not None:
-        bar.close()
+    with progress_bar(n_prompts * k, "sampling", progress) as bar:
+        for batch, gen in sample_batches(model, tokenizer, batches, sampling, device, precision, repeats=k, bar=bar):
+            for row in range(len(gen.input_ids)):
+                samples[int(batch["index"][row // k])].append(gen.response_text(row, tokenizer))
     return samples
 
 
@@ -185,6 +170,7 @@ def export_rankings(
 
 def main(argv: Sequence[str] | None = None) -> ExportStats:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    quiet_known_warnings()
     p = argparse.ArgumentParser(prog="python -m rlhf.export", description=__doc__.split("\n\n")[0])
     p.add_argument("--policy", required=True, help="stage output or model dir to sample from")
     add_prompt_sampling_arguments(p, split="train", batch_size=8, temperature=1.0)
@@ -192,7 +178,7 @@ def main(argv: Sequence[str] | None = None) -> ExportStats:
     p.add_argument("--gold", choices=sorted(GOLD_FUNCTIONS), default=None, help="rank with a gold function")
     p.add_argument("--out", required=True, help="ranking file to write (.jsonl)")
     args = p.parse_args(argv)
-    data = prompt_data_from_args(args, tokenizer=resolve_model_dir(args.policy))
+    data = prompt_data_from_args(args, args.policy)
     sampling = sampling_from_args(args)
     stats = export_rankings(
         args.policy, data, args.out, args.k, sampling, args.gold, args.split, args.limit,

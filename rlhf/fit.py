@@ -9,12 +9,12 @@ with ``--ckpt_path last`` (or a path).
 from __future__ import annotations
 
 import logging
-import sys
 
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from rlhf.console import quiet_known_warnings, use_compact_model_summary
 from rlhf.interrupts import interrupt_exit_code
 from rlhf.resume import make_resumable, prepare_resume
 from rlhf.run_info import RunInfoCallback
@@ -52,6 +52,7 @@ class RLHFCLI(LightningCLI):
 def main(args: list[str] | None = None) -> RLHFCLI:
     """Parse the config, build trainer/module/data, and fit."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    quiet_known_warnings()
     cli = RLHFCLI(
         LightningModule,
         LightningDataModule,
@@ -67,6 +68,7 @@ def main(args: list[str] | None = None) -> RLHFCLI:
     # Checkpoints carry RNG and logger identity, SIGTERM/Ctrl-C save one, files are atomic;
     # "last" is found and the loggers continue the checkpoint's run (rlhf.resume).
     make_resumable(cli.trainer)
+    use_compact_model_summary(cli.trainer)
     ckpt_path = prepare_resume(cli.trainer, cli.config.ckpt_path)
     try:
         if cli.config.validate_before_fit and ckpt_path is None:
@@ -82,4 +84,4 @@ def main(args: list[str] | None = None) -> RLHFCLI:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()  # LightningCLI reads sys.argv itself (passing it too makes Lightning warn)

@@ -36,6 +36,7 @@ from typing import Any
 
 import yaml
 
+from rlhf.console import quiet_known_warnings
 from rlhf.outputs import read_stage_marker
 
 
@@ -183,7 +184,8 @@ def stage_summary(stage: Stage) -> dict[str, str]:
 
 
 def print_summary(results: Sequence[StageResult], total_seconds: float) -> None:
-    """A table of stages: status, time, output and headline metrics."""
+    """A table of stages: status, time, output and headline metrics, printed after whatever is
+    pending on stderr so that it is the last thing on screen."""
     from rich.console import Console
     from rich.table import Table
 
@@ -194,6 +196,8 @@ def print_summary(results: Sequence[StageResult], total_seconds: float) -> None:
         results_text = "\n".join(f"{k}: {v}" for k, v in r.summary.items())
         time_text = f"{r.seconds / 60:.1f} min" if r.seconds else "-"
         table.add_row(r.stage.name, r.status, time_text, str(r.stage.output), results_text)
+    sys.stderr.flush()
+    sys.stdout.flush()
     Console(width=max(120, Console().width)).print(table)
 
 
@@ -248,13 +252,24 @@ def run_pipeline(
     return results
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m rlhf.pipeline", description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", required=True, help="pipeline config (a YAML 'stages' list)")
+def build_parser(
+    prog: str = "python -m rlhf.pipeline", description: str | None = None, config: bool = True
+) -> argparse.ArgumentParser:
+    """The pipeline's arguments; ``config=False`` leaves ``--config`` out (a fixed recipe)."""
+    p = argparse.ArgumentParser(prog=prog, description=description or __doc__.split("\n\n")[0])
+    if config:
+        p.add_argument("--config", required=True, help="pipeline config (a YAML 'stages' list)")
     p.add_argument("--force", action="store_true", help="re-run every stage")
-    p.add_argument("--from", dest="start_from", help="re-run from this stage on")
-    p.add_argument("--until", help="stop after this stage")
-    args = p.parse_args(argv)
+    p.add_argument("--from", dest="start_from", metavar="NAME", help="re-run from this stage on")
+    p.add_argument("--until", metavar="NAME", help="stop after this stage")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the pipeline ``argv`` describes; the exit code (0 done, 1 a stage failed, 2 a bad
+    config, 130 interrupted). The summary table is the last thing printed."""
+    quiet_known_warnings()
+    args = build_parser().parse_args(argv)
     try:
         stages = load_pipeline(args.config)
         start = time.perf_counter()

@@ -10,8 +10,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -19,11 +23,15 @@ from torch import nn
 from rlhf.data.datamodules import PromptDataModule
 from rlhf.data.records import Conversation
 from rlhf.data.sources import DataSource
-from rlhf.models.loading import ModelSettings, load_causal_lm, resolve_dtype
-from rlhf.outputs import read_stage_marker
 from rlhf.generation import SamplingSettings, assemble_sequences, sample_responses
 from rlhf.masks import masked_sum
+from rlhf.models.loading import ModelSettings, load_causal_lm, resolve_dtype
 from rlhf.models.logprobs import sequence_logprobs
+from rlhf.outputs import read_stage_marker
+
+if TYPE_CHECKING:
+    from tqdm import tqdm
+    from transformers import PreTrainedTokenizerBase
 
 
 def resolve_model_dir(path: str | os.PathLike) -> str:
@@ -99,21 +107,50 @@ class Generation:
         return ids.tolist()
 
 
-@torch.no_grad()
-def generate(
+    def response_text(self, row: int, tokenizer: PreTrainedTokenizerBase) -> str:
+        """The response of ``row`` decoded, special tokens dropped."""
+        return tokenizer.decode(self.response_ids(row), skip_special_tokens=True)
+
+
+def sample_batches(
     model: nn.Module,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
+    tokenizer: PreTrainedTokenizerBase,
+    batches: Iterable[dict[str, torch.Tensor]],
     sampling: SamplingSettings,
-    eos_id: int,
-    pad_id: int,
-) -> Generation:
-    """Sample one response per prompt row of a left-padded batch ``[B, P]``."""
-    responses = sample_responses(model, input_ids, attention_mask, sampling, eos_id, pad_id)
-    ids, mask, response_mask, has_eos = assemble_sequences(
-        input_ids, attention_mask, responses, eos_id, pad_id
-    )
-    return Generation(ids, mask, input_ids.shape[1], response_mask, has_eos)
+    device: torch.device,
+    precision: str = "32",
+    repeats: int = 1,
+    bar: tqdm | None = None,
+) -> Iterator[tuple[dict[str, torch.Tensor], Generation]]:
+    """Sample one response per row of each left-padded prompt batch ``[B, P]``, each row
+    repeated ``repeats`` times (adjacent), on ``device`` under ``precision``'s autocast.
+
+    Yields each batch with its :class:`Generation` (``[B * repeats, P + R]``); ``bar`` advances
+    by the responses sampled.
+    """
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    pad = eos if pad is None else pad
+    for batch in batches:
+        ids = batch["input_ids"].to(device).repeat_interleave(repeats, dim=0)
+        mask = batch["attention_mask"].to(device).repeat_interleave(repeats, dim=0)
+        with autocast_for(device, precision):
+            responses = sample_responses(model, ids, mask, sampling, eos, pad)
+        joined, joined_mask, response_mask, has_eos = assemble_sequences(ids, mask, responses, eos, pad)
+        yield batch, Generation(joined, joined_mask, ids.shape[1], response_mask, has_eos)
+        if bar is not None:
+            bar.update(len(ids))
+
+
+@contextmanager
+def progress_bar(total: int, desc: str, enabled: bool = True) -> Iterator[tqdm | None]:
+    """A tqdm bar on stderr counting sampled responses (``None`` when not ``enabled``)."""
+    if not enabled:
+        yield None
+        return
+    from tqdm.auto import tqdm
+
+    with tqdm(total=total, desc=desc, unit="resp", file=sys.stderr) as bar:
+        yield bar
 
 
 @torch.no_grad()
@@ -190,13 +227,14 @@ def add_prompt_sampling_arguments(
     p.add_argument("--no-progress", action="store_true")
 
 
-def prompt_data_from_args(args: argparse.Namespace, tokenizer: str) -> PromptDataModule:
-    """The prompt data module those arguments describe (bad rows skipped and counted)."""
+def prompt_data_from_args(args: argparse.Namespace, policy: str | os.PathLike) -> PromptDataModule:
+    """The prompt data module those arguments describe, with the tokenizer of ``policy`` (see
+    :func:`resolve_model_dir`); bad rows skipped and counted."""
     return PromptDataModule(
         train=[DataSource(path=path, schema=args.schema) for path in args.data],
         val_fraction=args.val_fraction if args.split != "all" else 0.0,
         split_seed=args.split_seed,
-        tokenizer=tokenizer,
+        tokenizer=resolve_model_dir(policy),
         max_length=args.max_length,
         max_prompt_length=args.max_prompt_length,
         long_prompts=args.long_prompts,

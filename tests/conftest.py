@@ -1,11 +1,21 @@
-"""Shared fixtures: tiny random Llama models saved once per session."""
+"""Shared fixtures: tiny random Llama models saved once per session.
+
+The tests run offline unless the environment says otherwise: huggingface_hub reads
+``HF_HUB_OFFLINE`` once, when imported, so it is set here, before anything imports it. Tests
+that check the unset case (``test_no_network.py``) remove both from their subprocess's env.
+"""
 
 from __future__ import annotations
 
-from pathlib import Path
+import os
 
-import pytest
-from tiny_models import build_tiny_llama, build_tiny_tokenizer
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+from tiny_models import build_tiny_llama, build_tiny_tokenizer  # noqa: E402
 
 
 def _build(tmp_path_factory: pytest.TempPathFactory, name: str, chat_template: bool) -> Path:

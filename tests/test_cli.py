@@ -46,3 +46,75 @@ def test_unknown_config_key_is_a_clear_error(tmp_path, tiny_model_dir, capsys):
                      "init_args": {"train": {"path": "x.jsonl"}}},
         })
     assert "learning_rate" in capsys.readouterr().err
+
+
+def test_known_harmless_warnings_are_filtered_and_others_still_show():
+    import warnings
+
+    from lightning.pytorch.utilities._pytree import _tree_flatten
+
+    from rlhf.console import quiet_known_warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quiet_known_warnings()
+        _tree_flatten(1)  # Lightning's pytree helper: torch's LeafSpec deprecation
+        warnings.warn("`is_gradient_checkpointing` is deprecated and will be removed in v6.", FutureWarning)
+        warnings.warn("Using ModelCheckpoint with manual optimization and every_n_train_steps, but no ...")
+        warnings.warn("some other API is deprecated", FutureWarning)
+        warnings.warn("Using ModelCheckpoint wrongly")
+        warnings.warn("`is_gradient_checkpointing` is deprecated", UserWarning)  # another category
+    assert [(str(w.message), w.category) for w in caught] == [
+        ("some other API is deprecated", FutureWarning),
+        ("Using ModelCheckpoint wrongly", UserWarning),
+        ("`is_gradient_checkpointing` is deprecated", UserWarning),
+    ]
+
+
+def test_lightnings_litlogger_tip_is_dropped_and_its_other_messages_kept():
+    import logging
+
+    from rlhf.console import quiet_known_warnings
+
+    quiet_known_warnings()
+    rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+
+    def record(msg):
+        return logging.LogRecord(rank_zero.name, logging.INFO, __file__, 1, msg, None, None)
+
+    assert not rank_zero.filter(record("💡 Tip: For seamless cloud logging and experiment tracking, try ..."))
+    assert rank_zero.filter(record("GPU available: False, used: False"))
+
+
+def test_the_default_model_summary_becomes_one_line(caplog):
+    import logging
+
+    import torch
+    from lightning.pytorch import LightningModule, Trainer
+    from lightning.pytorch.callbacks import ModelSummary
+
+    from rlhf.console import CompactModelSummary, use_compact_model_summary
+
+    class Tiny(LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.frozen = torch.nn.Linear(4, 2).requires_grad_(False)  # 10 params
+            self.head = torch.nn.Linear(2, 1)  # 3 params
+            self.no_params = torch.nn.ReLU()
+
+    trainer = Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    use_compact_model_summary(trainer)
+    summaries = [c for c in trainer.callbacks if isinstance(c, ModelSummary)]
+    assert [type(c) for c in summaries] == [CompactModelSummary]
+    with caplog.at_level(logging.INFO, logger="rlhf.console"):
+        summaries[0].on_fit_start(trainer, Tiny())
+    assert [r.getMessage() for r in caplog.records if r.name == "rlhf.console"] == [
+        "Tiny: 13 params, 3 trainable (frozen Linear 10, head Linear 3)"
+    ]
+
+    quiet = Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_model_summary=False)
+    use_compact_model_summary(quiet)
+    assert not [c for c in quiet.callbacks if isinstance(c, ModelSummary)]
+    deep = Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, callbacks=[ModelSummary(max_depth=2)])
+    use_compact_model_summary(deep)
+    assert [type(c) for c in deep.callbacks if isinstance(c, ModelSummary)] == [ModelSummary]

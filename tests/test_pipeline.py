@@ -4,6 +4,9 @@ the tiny SFT -> RM -> PPO -> evaluate -> export recipe end to end."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import yaml
@@ -46,6 +49,21 @@ def test_a_failing_stage_stops_the_pipeline(tmp_path, capsys):
     out = capsys.readouterr()
     assert "s1 failed (exit code 1)" in out.err
     assert "not run" in out.out and "failed" in out.out
+
+
+def test_the_summary_table_is_the_last_thing_printed(tmp_path):
+    """Stages write to the pipeline's terminal; the table comes after all they and the pipeline
+    printed (here a stage's error and the failure line, on stderr)."""
+    path = copy_stages(tmp_path)
+    (tmp_path / "s0.json").write_text("not json")
+    result = subprocess.run(
+        [sys.executable, "-m", "rlhf.pipeline", "--config", str(path)], stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True, timeout=300, env={**os.environ, "PYTHONIOENCODING": "utf-8"},
+    )
+    assert result.returncode == 1
+    assert "Expecting value" in result.stdout and "s1 failed (exit code 1)" in result.stdout
+    lines = result.stdout.rstrip().splitlines()
+    assert "pipeline summary" in result.stdout and lines[-1].startswith("└"), lines[-3:]
 
 
 @pytest.mark.parametrize(
