@@ -22,7 +22,8 @@ from typing import Any
 
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from benchmarks.harness import REPO_ROOT
+
 DEFAULT_TOKENIZER = REPO_ROOT / "models" / "SmolLM2-135M-Instruct"
 HH_PROMPTS = REPO_ROOT / "data" / "hh-rlhf" / "harmless-base" / "test.jsonl.gz"
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -45,6 +46,14 @@ SIZES: dict[str, ModelShape] = {
     "medium": ModelShape(hidden=576, layers=8, heads=9, kv_heads=3, intermediate=1536),
     "smollm2-135m": ModelShape(hidden=576, layers=30, heads=9, kv_heads=3, intermediate=1536),
 }
+
+
+def peft_lora(r: int, alpha: int, task_type: str) -> Any:
+    """PEFT's ``LoraConfig`` for TRL's side: rank ``r`` on :data:`LORA_TARGETS`, no dropout or bias."""
+    from peft import LoraConfig
+
+    return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=LORA_TARGETS, bias="none",
+                      task_type=task_type)
 
 
 def load_benchmark_tokenizer(source: str | Path) -> Any:
@@ -89,6 +98,11 @@ def prompt_rows(tokenizer: Any, count: int, length: int) -> list[list[int]]:
     if not rows:
         raise ValueError(f"no prompt has {length} tokens; lower the prompt length")
     return [rows[i % len(rows)] for i in range(count)]
+
+
+def load_prompts(path: str | Path) -> list[list[int]]:
+    """The fixed-length prompt token ids of an asset directory's ``prompts.json``."""
+    return json.loads(Path(path).read_text())["rows"]
 
 
 def build_assets(

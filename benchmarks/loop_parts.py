@@ -1,17 +1,20 @@
-"""Lightning pieces the benchmark workers share: fixed prompts in order, and a step clock.
+"""Lightning pieces the benchmark workers share: fixed prompts in order, a step clock, and a
+quiet one-device fit.
 
-Imported inside the workers' run functions (not at module top), so an import-only baseline
+Imported inside the workers' measuring functions (not at module top), so an import-only baseline
 worker does not load Lightning on their account.
 """
 
 from __future__ import annotations
 
-import time
+import tempfile
 from typing import Any
 
 import lightning as L
 import torch
 from torch.utils.data import DataLoader
+
+from benchmarks.harness import StepTimes
 
 
 class FixedPrompts(L.LightningDataModule):
@@ -29,17 +32,19 @@ class FixedPrompts(L.LightningDataModule):
         return DataLoader(items, batch_size=self.batch_size, shuffle=False, drop_last=True)
 
 
-class StepClock(L.Callback):
+class StepClock(StepTimes, L.Callback):
     """Wall time of each training step (PPO iteration), from the end of the previous one."""
 
-    def __init__(self) -> None:
-        self.seconds: list[float] = []
-        self._last = 0.0
+    on_train_start = StepTimes.start
+    on_train_batch_end = StepTimes.lap
 
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._last = time.perf_counter()
 
-    def on_train_batch_end(self, *args: Any) -> None:
-        now = time.perf_counter()
-        self.seconds.append(now - self._last)
-        self._last = now
+def fit(module: L.LightningModule, datamodule: L.LightningDataModule, callbacks: list[L.Callback],
+        **trainer_args: Any) -> None:
+    """Fit ``module`` on one device with no logger, checkpoints, progress bar, model summary or
+    validation, in a temporary root directory (``trainer_args``: the run's own, e.g. its length)."""
+    with tempfile.TemporaryDirectory() as root:
+        trainer = L.Trainer(accelerator="auto", devices=1, logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                            num_sanity_val_steps=0, callbacks=callbacks, default_root_dir=root, **trainer_args)
+        trainer.fit(module, datamodule=datamodule)

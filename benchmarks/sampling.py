@@ -1,7 +1,7 @@
 """The per-token draw of generation: ``torch.multinomial`` vs our inverse-CDF sampler.
 
-    python -m benchmarks.sampling            # ~5 s; prints milliseconds per draw
-    python -m benchmarks.sampling --generate # + 64 tokens x 8 prompts on the medium model, ~1 min
+    python -m benchmarks.sampling            # seconds; prints milliseconds per draw
+    python -m benchmarks.sampling --generate # + 64 tokens x 8 prompts on the medium model
     python -m benchmarks.sampling --head     # + the LM head on generate's strided prefill slice
     python -m benchmarks.sampling --head-rows  # + the LM head on 64-512 positions a call
 
@@ -9,10 +9,11 @@ Both draw one token per row from ``softmax(logits / 0.7)`` over a SmolLM2-sized 
 (49,152), temperature and softmax included (what ``generate``'s sampling step does per token).
 ``--generate`` also times whole generations with the benchmark's random ``medium`` Llama
 (LoRA on): ``generate``'s own sampling (``do_sample=True``, ``torch.multinomial``) against
-:func:`rlhf.generation.sample_responses`. Nothing is written: the numbers explain lines of the
-README, they are not a target. ``--head`` times a bias-free ``F.linear`` over a SmolLM2-sized
-head (576 x 49,152) on ``hidden[:, -1:, :]`` of ``[8, 48, 576]``, as ``generate``'s prefill
-calls it, against the same slice made contiguous (:func:`rlhf.generation.responses.contiguous_head_input`).
+:func:`rlhf.generation.sample_responses`. ``--head`` times a bias-free ``F.linear`` over a
+SmolLM2-sized head (576 x 49,152) on ``hidden[:, -1:, :]`` of ``[8, 48, 576]``, as
+``generate``'s prefill calls it, against the same slice made contiguous
+(:func:`rlhf.generation.responses.contiguous_head_input`). Nothing is written: the numbers explain
+lines of ``docs/performance-notes.md``, they are not a target.
 """
 
 from __future__ import annotations
@@ -94,6 +95,7 @@ def head_rows_milliseconds(rows: int, dtype: torch.dtype, repeats: int = 5) -> f
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Time the draws (and, as asked, the LM head and whole generations); print the tables."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--vocab", type=int, default=49152)
     parser.add_argument("--rows", type=int, nargs="+", default=[8, 32])

@@ -16,37 +16,32 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import tempfile
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from benchmarks.assets import DEFAULT_TOKENIZER, REPO_ROOT, SIZES, build_assets, load_benchmark_tokenizer, prompt_rows
+from benchmarks.assets import SIZES, build_assets, load_benchmark_tokenizer, prompt_rows
+from benchmarks.harness import (MIB, RESULTS_DIR, BenchmarkRun, Column, StepTimes, WorkerSpec,
+                                add_common_arguments, after_warmup, footer, peak_rss_bytes, ratios, run_worker,
+                                side_by_side_rows, text_table, work_directory, write_json)
 
-RESULTS = REPO_ROOT / "benchmarks" / "results" / "train_vs_trl.json"
-MIB = 2**20
+RESULTS = RESULTS_DIR / "train_vs_trl.json"
 
 
 @dataclass
-class TrainSpec:
+class TrainSpec(WorkerSpec):
     """One training-throughput run (``stage`` sft or rm, ``trainer`` ours or trl)."""
 
     stage: str
     trainer: str
     base: str
     rows: str
-    batch_size: int = 8
     warmup: int = 2
     steps: int = 5
     lr: float = 1e-4
-    lora_r: int = 8
-    lora_alpha: int = 16
-    seed: int = 0
-    threads: int | None = None
 
 
 def write_rows(path: Path, tokenizer: Any, count: int, prompt_length: int, completion_length: int) -> None:
@@ -65,7 +60,7 @@ def _ours(spec: TrainSpec, rows: list[dict[str, list[int]]]) -> tuple[list[float
     import torch
     from torch.utils.data import DataLoader
 
-    from benchmarks.loop_parts import StepClock
+    from benchmarks.loop_parts import StepClock, fit
     from rlhf.models.loading import LoraSettings, ModelSettings
 
     base = ModelSettings(spec.base, dtype="float32", lora=LoraSettings(r=spec.lora_r, alpha=spec.lora_alpha))
@@ -90,6 +85,8 @@ def _ours(spec: TrainSpec, rows: list[dict[str, list[int]]]) -> tuple[list[float
                     "rejected_index": torch.arange(n, 2 * n), "margin": torch.zeros(n)}
 
     class Rows(L.LightningDataModule):
+        """The rows in order, ``batch_size`` a step."""
+
         def __init__(self) -> None:
             super().__init__()
             self.batch_size = spec.batch_size
@@ -98,11 +95,7 @@ def _ours(spec: TrainSpec, rows: list[dict[str, list[int]]]) -> tuple[list[float
             return DataLoader(rows, batch_size=spec.batch_size, shuffle=False, collate_fn=collate, drop_last=True)
 
     clock = StepClock()
-    with tempfile.TemporaryDirectory() as root:
-        trainer = L.Trainer(accelerator="auto", devices=1, max_steps=spec.warmup + spec.steps, logger=False,
-                            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                            limit_val_batches=0, num_sanity_val_steps=0, callbacks=[clock], default_root_dir=root)
-        trainer.fit(module, datamodule=Rows())
+    fit(module, Rows(), [clock], max_steps=spec.warmup + spec.steps)
     return clock.seconds, sum(p.numel() for p in module.trainable_parameters())
 
 
@@ -110,23 +103,14 @@ def _trl(spec: TrainSpec, rows: list[dict[str, list[int]]]) -> tuple[list[float]
     """Train with TRL's SFTTrainer or RewardTrainer; per-step seconds and trainable parameters."""
     import torch
     from datasets import Dataset
-    from peft import LoraConfig
     from transformers import AutoTokenizer, TrainerCallback
 
-    from benchmarks.assets import LORA_TARGETS
+    from benchmarks.assets import peft_lora
 
-    class Clock(TrainerCallback):
-        def __init__(self) -> None:
-            self.seconds: list[float] = []
-            self._last = 0.0
+    class Clock(StepTimes, TrainerCallback):
+        """Wall time of each optimizer step."""
 
-        def on_train_begin(self, *args: Any, **kwargs: Any) -> None:
-            self._last = time.perf_counter()
-
-        def on_step_end(self, *args: Any, **kwargs: Any) -> None:
-            now = time.perf_counter()
-            self.seconds.append(now - self._last)
-            self._last = now
+        on_train_begin, on_step_end = StepTimes.start, StepTimes.lap
 
     tokenizer = AutoTokenizer.from_pretrained(spec.base, local_files_only=True)
     common = dict(report_to="none", save_strategy="no", seed=spec.seed, per_device_train_batch_size=spec.batch_size,
@@ -145,10 +129,9 @@ def _trl(spec: TrainSpec, rows: list[dict[str, list[int]]]) -> tuple[list[float]
                 "completion_mask": [[0] * len(r["prompt"]) + [1] * len(r["chosen"]) for r in rows],
             })
             config = SFTConfig(output_dir=root, packing=False, completion_only_loss=True, **common)
-            peft = LoraConfig(r=spec.lora_r, lora_alpha=spec.lora_alpha, lora_dropout=0.0,
-                              target_modules=LORA_TARGETS, bias="none", task_type="CAUSAL_LM")
             trainer: Any = SFTTrainer(model=model, args=config, train_dataset=data, processing_class=tokenizer,
-                                      peft_config=peft, callbacks=[clock])
+                                      peft_config=peft_lora(spec.lora_r, spec.lora_alpha, "CAUSAL_LM"),
+                                      callbacks=[clock])
         else:
             from transformers import AutoModelForSequenceClassification
             from trl import RewardConfig, RewardTrainer
@@ -159,52 +142,33 @@ def _trl(spec: TrainSpec, rows: list[dict[str, list[int]]]) -> tuple[list[float]
             data = Dataset.from_dict({"chosen_ids": [r["prompt"] + r["chosen"] for r in rows],
                                       "rejected_ids": [r["prompt"] + r["rejected"] for r in rows]})
             config = RewardConfig(output_dir=root, **common)
-            peft = LoraConfig(r=spec.lora_r, lora_alpha=spec.lora_alpha, lora_dropout=0.0,
-                              target_modules=LORA_TARGETS, bias="none", task_type="SEQ_CLS")
             trainer = RewardTrainer(model=model, args=config, train_dataset=data, processing_class=tokenizer,
-                                    peft_config=peft, callbacks=[clock])
+                                    peft_config=peft_lora(spec.lora_r, spec.lora_alpha, "SEQ_CLS"),
+                                    callbacks=[clock])
         trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
         trainer.train()
     return clock.seconds, trainable
 
 
-def worker(argv: list[str]) -> None:
-    """``SPEC.json RESULT.json``: run one training spec in this process."""
-    from benchmarks.workers import peak_rss_bytes
-
-    spec = TrainSpec(**json.loads(Path(argv[0]).read_text()))
-    if spec.threads:
-        import torch
-
-        torch.set_num_threads(spec.threads)
+def measure_training(spec: TrainSpec) -> dict[str, Any]:
+    """Run one training spec: per-step seconds, trainable parameters and peak RSS."""
     rows = json.loads(Path(spec.rows).read_text())[: spec.batch_size * (spec.warmup + spec.steps)]
     seconds, trainable = (_ours if spec.trainer == "ours" else _trl)(spec, rows)
-    result = {"spec": asdict(spec), "step_seconds": seconds, "trainable_params": trainable,
-              "peak_rss_bytes": peak_rss_bytes()}
-    Path(argv[1]).write_text(json.dumps(result, indent=2))
+    return {"spec": asdict(spec), "step_seconds": seconds, "trainable_params": trainable,
+            "peak_rss_bytes": peak_rss_bytes()}
 
 
 # -- orchestration ----------------------------------------------------------------------------
-def run_worker(spec: TrainSpec, work: Path, name: str) -> dict[str, Any]:
-    """Run :func:`worker` in a subprocess; its result (its log's tail on failure)."""
-    import subprocess
-
-    spec_file, result_file, log_file = (work / f"{name}.{ext}" for ext in ("spec.json", "result.json", "log"))
-    spec_file.write_text(json.dumps(asdict(spec)))
-    result_file.unlink(missing_ok=True)
-    env = {**os.environ, "TRL_EXPERIMENTAL_SILENCE": "1", "HF_HUB_OFFLINE": "1",
-           "WANDB_MODE": os.environ.get("WANDB_MODE", "disabled"),
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
-    with open(log_file, "w") as log:
-        proc = subprocess.run([sys.executable, "-m", "benchmarks.train_vs_trl", "--worker", str(spec_file),
-                               str(result_file)], cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    if proc.returncode != 0 or not result_file.is_file():
-        tail = "".join(log_file.read_text().splitlines(keepends=True)[-40:])
-        raise RuntimeError(f"{name} failed (exit {proc.returncode}); log {log_file}:\n{tail}")
-    return json.loads(result_file.read_text())
+COLUMNS = [
+    Column("stage", "stage", left=True), Column("trainer", "trainer", left=True),
+    Column("s/step", "step_seconds_median", ".2f", 7), Column("tokens/s", "tokens_per_s", ".0f", 9),
+    Column("peak MiB", "peak_rss_mib", ".0f", 9), Column("ratio tok/s", "ratio_tokens_per_s", ".2f", 13),
+    Column("peak", "ratio_peak_rss", ".2f", 5),
+]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Size, stages, batch shape, steps and where the results go (``--quick``: a smoke run)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", default="small", choices=sorted(SIZES))
     parser.add_argument("--stages", default="sft,rm")
@@ -213,10 +177,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--completion-length", type=int, default=64)
     parser.add_argument("--steps", type=int, default=5, help="timed optimizer steps (after warm-up)")
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--tokenizer", default=str(DEFAULT_TOKENIZER))
-    parser.add_argument("--work-dir", default=None)
-    parser.add_argument("--out", default=str(RESULTS))
+    add_common_arguments(parser, RESULTS)
     parser.add_argument("--quick", action="store_true", help="batch 4, 32 + 32 tokens, 1 + 2 steps")
     args = parser.parse_args(argv)
     if args.quick:
@@ -227,24 +188,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     """Run SFT and RM for both trainers, print tokens/s and peak RSS, write the JSON."""
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["--worker"]:
-        worker(argv[1:])
-        return
     args = parse_args(argv)
-    from benchmarks.ppo_vs_trl import load_average, machine_busy, machine_info
-
-    started, load_before = time.time(), load_average()
-    tmp = None if args.work_dir else tempfile.TemporaryDirectory(prefix="train-bench-")
-    work = Path(args.work_dir or tmp.name).resolve()
-    work.mkdir(parents=True, exist_ok=True)
+    session = BenchmarkRun("train_vs_trl", argv)
     count = args.batch_size * (args.warmup + args.steps)
+    tokens_per_row = args.prompt_length + args.completion_length
     runs = []
-    try:
+    with work_directory(args.work_dir, "train-bench-") as work:
         assets = build_assets(work / args.size, SIZES[args.size], args.tokenizer, 1, 8)
         rows_file = work / f"rows-{args.prompt_length}-{args.completion_length}.json"
         write_rows(rows_file, load_benchmark_tokenizer(assets["base"]), count, args.prompt_length,
                    args.completion_length)
-        tokens_per_row = args.prompt_length + args.completion_length
         for stage in [s.strip() for s in args.stages.split(",") if s.strip()]:
             row: dict[str, Any] = {"stage": stage}
             for trainer in ("ours", "trl"):
@@ -252,44 +205,25 @@ def main(argv: list[str] | None = None) -> None:
                 spec = TrainSpec(stage=stage, trainer=trainer, base=assets["base"], rows=str(rows_file),
                                  batch_size=args.batch_size, warmup=args.warmup, steps=args.steps,
                                  threads=args.threads)
-                result = run_worker(spec, work, f"{stage}-{trainer}")
-                seconds = result["step_seconds"][args.warmup:]
+                result = run_worker(measure_training, spec, work, f"{stage}-{trainer}")
+                seconds = after_warmup(result["step_seconds"], args.warmup)
                 step = statistics.median(seconds)
                 tokens = args.batch_size * tokens_per_row * (2 if stage == "rm" else 1)
                 row[trainer] = {"step_seconds_median": step, "step_seconds": seconds, "tokens_per_s": tokens / step,
                                 "peak_rss_mib": result["peak_rss_bytes"] / MIB,
                                 "trainable_params": result["trainable_params"]}
-            row["ratios_ours_over_trl"] = {
-                "tokens_per_s": row["ours"]["tokens_per_s"] / row["trl"]["tokens_per_s"],
-                "peak_rss": row["ours"]["peak_rss_mib"] / row["trl"]["peak_rss_mib"],
-            }
+            row["ratios_ours_over_trl"] = ratios(row["ours"], row["trl"],
+                                                 {"tokens_per_s": "tokens_per_s", "peak_rss": "peak_rss_mib"})
             runs.append(row)
-    finally:
-        if tmp is not None:
-            tmp.cleanup()
-    report = {
-        "benchmark": "train_vs_trl", "command": "python -m benchmarks.train_vs_trl " + " ".join(argv),
-        "settings": {"size": args.size, "shape": asdict(SIZES[args.size]), "batch_size": args.batch_size,
-                     "prompt_length": args.prompt_length, "completion_length": args.completion_length,
-                     "warmup": args.warmup, "steps": args.steps, "lora_r": 8, "dtype": "float32"},
-        "machine": machine_info(), "load_average_before": load_before, "load_average_after": load_average(),
-        "machine_busy_at_start": machine_busy(load_before, os.cpu_count()),
-        "wall_seconds": time.time() - started, "runs": runs,
-    }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2))
-    print(f"{'stage':<6}{'trainer':<8}{'s/step':>8}{'tokens/s':>10}{'peak MiB':>10}   ratio tok/s  peak")
-    for row in runs:
-        for trainer in ("ours", "trl"):
-            r = row[trainer]
-            line = f"{row['stage']:<6}{trainer:<8}{r['step_seconds_median']:>8.2f}{r['tokens_per_s']:>10.0f}" \
-                   f"{r['peak_rss_mib']:>10.0f}"
-            if trainer == "ours":
-                ratios = row["ratios_ours_over_trl"]
-                line += f"   {ratios['tokens_per_s']:>11.2f}{ratios['peak_rss']:>6.2f}"
-            print(line)
-    print(f"\nwall {report['wall_seconds']:.0f}s, load average before {load_before} after "
-          f"{report['load_average_after']}; written to {args.out}")
+    report = session.report(
+        {"size": args.size, "shape": asdict(SIZES[args.size]), "batch_size": args.batch_size,
+         "prompt_length": args.prompt_length, "completion_length": args.completion_length,
+         "warmup": args.warmup, "steps": args.steps, "lora_r": 8, "dtype": "float32"},
+        runs=runs,
+    )
+    write_json(args.out, report)
+    print(text_table(COLUMNS, side_by_side_rows(runs)))
+    print("\n" + footer(report, args.out))
 
 
 if __name__ == "__main__":

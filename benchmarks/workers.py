@@ -1,70 +1,60 @@
-"""One PPO run per process: ours (Lightning ``PPOModule``) or TRL's ``PPOTrainer``, on the same
+"""One PPO run per worker: ours (Lightning ``PPOModule``) or TRL's ``PPOTrainer``, on the same
 assets and settings, timed per iteration; or an import-only baseline.
 
-Each worker is started by :mod:`benchmarks.ppo_vs_trl` as
-``python -m benchmarks.workers SPEC.json RESULT.json`` so that its peak RSS
-(``ru_maxrss``) is its own. Iteration time is measured the same way for both: wall time
-between the ends of consecutive PPO iterations (Lightning's ``on_train_batch_end``, TRL's
-``on_step_end``), so data fetching, logging and bookkeeping count for both.
+:mod:`benchmarks.ppo_vs_trl` runs :func:`measure` through :func:`benchmarks.harness.run_worker`,
+one fresh subprocess per spec, so that its peak RSS (``ru_maxrss``) is its own. Iteration time is
+measured the same way for both: wall time between the ends of consecutive PPO iterations
+(Lightning's ``on_train_batch_end``, TRL's ``on_step_end``), so data fetching, logging and
+bookkeeping count for both.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import resource
-import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("WANDB_MODE", "disabled")
-
+from benchmarks.harness import StepTimes, WorkerSpec, import_baseline, peak_rss_bytes
 
 PRECISIONS = ("32", "bf16")
+# The libraries each trainer's worker loads; its import-only baseline imports these and nothing else.
+TRAINER_IMPORTS = {
+    "ours": ("lightning", "torch", "rlhf.ppo.module"),
+    "trl": ("datasets", "peft", "torch", "transformers", "trl.experimental.ppo"),
+}
 
 
-@dataclass
-class RunSpec:
-    """One trainer's run: assets, batch shape and PPO settings (matched across trainers)."""
+@dataclass(kw_only=True)
+class PPOSpec(WorkerSpec):
+    """A PPO run's assets (paths from :func:`benchmarks.assets.build_assets`) and its shape."""
 
-    trainer: str  # "ours", "trl", "baseline-ours" or "baseline-trl"
     base: str = ""
     rm: str = ""
     prompts: str = ""
-    batch_size: int = 8
     response_length: int = 32
     ppo_epochs: int = 4
-    warmup: int = 1
     iterations: int = 3
+
+
+@dataclass
+class RunSpec(PPOSpec):
+    """One trainer's run: assets, batch shape and PPO settings (matched across trainers)."""
+
+    trainer: str  # "ours", "trl", "baseline-ours" or "baseline-trl"
+    warmup: int = 1
     lr: float = 1e-5
-    lora_r: int = 8
-    lora_alpha: int = 16
     temperature: float = 0.7
     kl_coef: float = 0.05
-    seed: int = 0
-    threads: int | None = None
     share_reward_base: bool = True
     precision: str = "32"  # "32": float32 throughout; "bf16": bf16 autocast, frozen weights in bf16
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
-
-
-def peak_rss_bytes() -> int:
-    """This process's peak resident set size so far (Linux reports ``ru_maxrss`` in KiB)."""
-    scale = 1 if sys.platform == "darwin" else 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
-
-
-def load_prompts(path: str) -> list[list[int]]:
-    """The fixed-length prompt token ids of an asset directory's ``prompts.json``."""
-    return json.loads(Path(path).read_text())["rows"]
 
 
 # -- ours ------------------------------------------------------------------------------------
@@ -74,10 +64,11 @@ def run_ours(spec: RunSpec) -> dict[str, Any]:
     import lightning as L
     import torch
 
-    from benchmarks.loop_parts import FixedPrompts, StepClock
+    from benchmarks.assets import load_prompts
+    from benchmarks.loop_parts import FixedPrompts, StepClock, fit
+    from rlhf.generation import SamplingSettings
     from rlhf.models.loading import LoraSettings, ModelSettings
     from rlhf.ppo.module import PPOModule
-    from rlhf.generation import SamplingSettings
     from rlhf.ppo.settings import KLSettings, RewardSettings, UpdateSettings
     from rlhf.timing import PhaseTimesRecorder
 
@@ -120,14 +111,8 @@ def run_ours(spec: RunSpec) -> dict[str, Any]:
     )
     recorder = PhaseTimesRecorder()
     clock = Clock(recorder)
-    with tempfile.TemporaryDirectory() as root:
-        trainer = L.Trainer(
-            accelerator="auto", devices=1, precision="bf16-mixed" if bf16 else "32-true", max_epochs=-1,
-            logger=False, enable_checkpointing=False,
-            enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-            num_sanity_val_steps=0, callbacks=[recorder, clock], default_root_dir=root,
-        )
-        trainer.fit(module, datamodule=FixedPrompts(rows, spec.batch_size))
+    fit(module, FixedPrompts(rows, spec.batch_size), [recorder, clock],
+        precision="bf16-mixed" if bf16 else "32-true", max_epochs=-1)
     trainable = sum(p.numel() for p in module.trainable_parameters())
     return {
         "iteration_seconds": clock.seconds, "phases": clock.phases, "response_tokens": clock.tokens,
@@ -163,11 +148,10 @@ def run_trl(spec: RunSpec) -> dict[str, Any]:
     import torch
     import trl.experimental.ppo.ppo_trainer as ppo_trainer
     from datasets import Dataset
-    from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl.experimental.ppo import PPOConfig, PPOTrainer
 
-    from benchmarks.assets import LORA_TARGETS
+    from benchmarks.assets import load_prompts, peft_lora
 
     import_rss = peak_rss_bytes()
     rows = load_prompts(spec.prompts)
@@ -207,22 +191,19 @@ def run_trl(spec: RunSpec) -> dict[str, Any]:
     ppo_trainer.batch_generation, ppo_trainer.forward, ppo_trainer.get_reward = (
         timed_generation, timed_forward, timed_reward)
 
-    class Clock(TrainerCallback):
+    class Clock(StepTimes, TrainerCallback):
         """Iteration wall times and phase times, one entry per PPO update."""
 
         def __init__(self) -> None:
-            self.seconds: list[float] = []
+            super().__init__()
             self.phases: list[dict[str, float]] = []
-            self._last = 0.0
 
-        def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            self._last = time.perf_counter()
+        def on_train_begin(self, *args: Any, **kwargs: Any) -> None:
+            self.start()
             phase_times.clear()
 
-        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            now = time.perf_counter()
-            self.seconds.append(now - self._last)
-            self._last = now
+        def on_step_end(self, *args: Any, **kwargs: Any) -> None:
+            self.lap()
             self.phases.append(dict(phase_times))
             phase_times.clear()
 
@@ -254,8 +235,7 @@ def run_trl(spec: RunSpec) -> dict[str, Any]:
             args=config, processing_class=tokenizer, model=policy, ref_model=None, reward_model=reward_model,
             value_model=value_model, train_dataset=Dataset.from_dict({"input_ids": rows}),
             eval_dataset=Dataset.from_dict({"input_ids": rows[: spec.batch_size]}),
-            peft_config=LoraConfig(r=spec.lora_r, lora_alpha=spec.lora_alpha, lora_dropout=0.0,
-                                   target_modules=LORA_TARGETS, bias="none", task_type="CAUSAL_LM"),
+            peft_config=peft_lora(spec.lora_r, spec.lora_alpha, "CAUSAL_LM"),
             callbacks=[clock],
         )
         trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
@@ -269,36 +249,13 @@ def run_trl(spec: RunSpec) -> dict[str, Any]:
     }
 
 
-# -- import-only baselines ---------------------------------------------------------------------
-def run_baseline(spec: RunSpec) -> dict[str, Any]:
-    """Import what the matching trainer's worker imports, and nothing else."""
-    if spec.trainer == "baseline-ours":
-        import lightning  # noqa: F401
-        import torch  # noqa: F401
-
-        import rlhf.ppo.module  # noqa: F401
+def measure(spec: RunSpec) -> dict[str, Any]:
+    """Run the spec's trainer, or import what it imports (``baseline-*``); its result plus the
+    spec, peak RSS and the allocator setting the worker saw."""
+    if spec.trainer in ("ours", "trl"):
+        result = (run_ours if spec.trainer == "ours" else run_trl)(spec)
     else:
-        import datasets  # noqa: F401
-        import peft  # noqa: F401
-        import torch  # noqa: F401
-        import transformers  # noqa: F401
-        import trl.experimental.ppo  # noqa: F401
-    return {"import_rss_bytes": peak_rss_bytes()}
-
-
-def main(argv: list[str]) -> None:
-    """``SPEC.json RESULT.json``: run the spec and write its result (plus peak RSS)."""
-    spec = RunSpec(**json.loads(Path(argv[0]).read_text()))
-    if spec.threads:
-        import torch
-
-        torch.set_num_threads(spec.threads)
-    runner = {"ours": run_ours, "trl": run_trl}.get(spec.trainer, run_baseline)
-    result = runner(spec)
+        result = import_baseline(TRAINER_IMPORTS["ours" if spec.trainer == "baseline-ours" else "trl"])
     result.update(trainer=spec.trainer, spec=asdict(spec), peak_rss_bytes=peak_rss_bytes(),
                   malloc_mmap_threshold_env=os.environ.get("MALLOC_MMAP_THRESHOLD_"))
-    Path(argv[1]).write_text(json.dumps(result, indent=2))
-
-
-if __name__ == "__main__":
-    main(sys.argv[1:])
+    return result

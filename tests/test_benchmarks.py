@@ -1,25 +1,88 @@
-"""The PPO-vs-TRL benchmark harness: its summary arithmetic, and one tiny side-by-side run."""
+"""The benchmark harness (worker subprocesses, ratios, tables) and the PPO-vs-TRL benchmark: its
+summary arithmetic, and one tiny side-by-side run."""
 
 import json
 import math
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from benchmarks.harness import (
+    Column,
+    WorkerSpec,
+    after_warmup,
+    markdown_table,
+    peak_rss_bytes,
+    ratios,
+    run_worker,
+    side_by_side_rows,
+    text_table,
+)
 from benchmarks.ppo_vs_trl import (
     OUR_PHASES,
     RESULTS,
     TRL_PHASES,
     parse_args,
-    run_worker,
     summarize,
 )
-from benchmarks.workers import RunSpec
+from benchmarks.workers import RunSpec, measure
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class EchoSpec(WorkerSpec):
+    """A worker that loads no model: it echoes ``message`` (``"fail"``: raises)."""
+
+    message: str = ""
+
+
+def echo(spec: EchoSpec) -> dict:
+    """The message, the worker's process id, peak RSS and one environment variable."""
+    if spec.message == "fail":
+        raise RuntimeError("asked to fail")
+    return {"message": spec.message, "pid": os.getpid(), "peak_rss_bytes": peak_rss_bytes(),
+            "x_bench": os.environ.get("X_BENCH")}
+
+
+def test_run_worker_measures_in_a_fresh_process_and_shows_a_failure_log(tmp_path, monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).parent))  # the worker imports this module
+    result = run_worker(echo, EchoSpec(message="hi"), tmp_path, "echo", extra_env={"X_BENCH": "1"})
+    assert result["message"] == "hi" and result["x_bench"] == "1"
+    assert result["pid"] != os.getpid() and result["peak_rss_bytes"] > 0
+    with pytest.raises(RuntimeError, match=r"(?s)echo-fail worker failed.*asked to fail"):
+        run_worker(echo, EchoSpec(message="fail"), tmp_path, "echo-fail")
+
+
+def test_after_warmup_drops_the_warmup_steps():
+    assert after_warmup([9.0, 1.0, 2.0], 1) == [1.0, 2.0]
+    assert after_warmup([9.0], 1, keep_all=True) == [9.0]
+    with pytest.raises(ValueError):
+        after_warmup([9.0], 1)
+
+
+def test_ratios_rename_and_leave_out_missing_or_zero_denominators():
+    top, bottom = {"a": 1.0, "b": None, "c": 3.0}, {"a": 2.0, "b": 1.0, "c": 0.0}
+    assert ratios(top, bottom, ["a", "b", "c"]) == {"a": 0.5}
+    assert ratios(top, bottom, {"a_ratio": "a"}) == {"a_ratio": 0.5}
+
+
+def test_tables_put_the_ratios_on_the_first_trainers_row():
+    runs = [{"size": "s", "shape": {"hidden": 1}, "ours": {"t": 1.234}, "trl": {"t": 2.0},
+             "ratios_ours_over_trl": {"t": 0.617}}]
+    rows = side_by_side_rows(runs)
+    assert [(r["size"], r["trainer"], r.get("ratio_t")) for r in rows] == [("s", "ours", 0.617), ("s", "trl", None)]
+    columns = [Column("size", "size", left=True), Column("trainer", "trainer", left=True),
+               Column("s", "t", ".2f", 6), Column("ratio", "ratio_t", ".2f")]
+    assert text_table(columns, rows).splitlines() == [
+        "size trainer      s ratio", "-" * 25, "s    ours      1.23  0.62", "s    trl       2.00"]
+    assert markdown_table(columns, rows).splitlines() == [
+        "| size | trainer | s | ratio |", "| --- | --- | ---: | ---: |", "| s | ours | 1.23 | 0.62 |",
+        "| s | trl | 2.00 |  |"]
 
 
 def test_summary_takes_medians_after_warmup_and_fills_the_remainders():
@@ -45,7 +108,7 @@ def test_summary_takes_medians_after_warmup_and_fills_the_remainders():
 
 
 def test_source_commit_names_head_and_marks_uncommitted_changes(tmp_path, monkeypatch):
-    import benchmarks.ppo_vs_trl as bench
+    import benchmarks.harness as bench
 
     repo = tmp_path / "repo"
     repo.mkdir()
@@ -82,10 +145,10 @@ def test_malloc_mmap_threshold_names_the_results_and_reaches_the_workers(tmp_pat
         with pytest.raises(SystemExit):
             parse_args(["--malloc-mmap-threshold", bad])
     # The import-only worker is the cheapest one that reports what it saw.
-    seen = run_worker(RunSpec(trainer="baseline-ours"), tmp_path, "baseline",
+    seen = run_worker(measure, RunSpec(trainer="baseline-ours"), tmp_path, "baseline",
                       extra_env={"MALLOC_MMAP_THRESHOLD_": "4194304"})
     assert seen["malloc_mmap_threshold_env"] == "4194304"
-    assert run_worker(RunSpec(trainer="baseline-ours"), tmp_path, "default")["malloc_mmap_threshold_env"] is None
+    assert run_worker(measure, RunSpec(trainer="baseline-ours"), tmp_path, "default")["malloc_mmap_threshold_env"] is None
 
 
 @pytest.mark.slow

@@ -7,7 +7,9 @@ import torch
 from torch import nn
 
 from benchmarks.assets import SIZES, build_assets
-from benchmarks.ppo_memory import MemorySpec, run_layout, summarize, weight_bytes
+from benchmarks.harness import weight_bytes
+from benchmarks.ppo_memory import MemorySpec, run_layout, summarize
+from benchmarks.quantized_base import parse_args as quantized_args
 
 
 def test_weight_bytes_counts_shared_storage_once():
@@ -25,7 +27,7 @@ def layouts(tmp_path_factory, tiny_model_dir):
                           prompt_count=4, prompt_length=8)
     results = {}
     for layout in ("separate", "shared"):
-        spec = MemorySpec(layout, assets["base"], assets["rm"], assets["prompts"], batch_size=2,
+        spec = MemorySpec(layout, base=assets["base"], rm=assets["rm"], prompts=assets["prompts"], batch_size=2,
                           response_length=4, ppo_epochs=1, iterations=2, threads=1)
         results[layout] = run_layout(spec)
     return results
@@ -52,3 +54,10 @@ def test_summary_ratio_is_shared_over_separate(layouts):
     assert ratio == pytest.approx(layouts["shared"]["weight_bytes"] / layouts["separate"]["weight_bytes"])
     assert ratio < 0.5
     assert torch.isfinite(torch.tensor(summary["layouts"]["shared"]["peak_rss_mib"]))
+
+
+def test_quantized_base_compares_against_the_full_precision_base():
+    assert quantized_args(["--precisions", "none,4bit"]).precisions == "none,4bit"
+    for bad in ("4bit,8bit", "none,2bit"):
+        with pytest.raises(SystemExit):
+            quantized_args(["--precisions", bad])
