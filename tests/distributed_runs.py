@@ -151,7 +151,7 @@ def probe_ppo(module: Any) -> dict[str, list]:
     finally:
         module.model.train(training)
     return {"logprobs": logprobs.tolist(), "ref_logprobs": ref.tolist(), "values": values.tolist(),
-            "scores": scores.tolist()}
+            "scores": scores.tolist(), "kl_coef": module.kl_controller.value}
 
 
 class PPOProbe(Callback):

@@ -219,6 +219,22 @@ def test_ppo_on_two_processes_resumes(tmp_path, tiny_policy_dir, data, reward_mo
     assert read_stage_marker(tmp_path / "out")["iterations"] == 3
 
 
+@pytest.mark.slow
+def test_adaptive_kl_coefficient_moves_by_the_global_rollout_on_both_processes(tmp_path, tiny_policy_dir, data,
+                                                                              reward_model):
+    # A target far above any KL holds the controller's error at its clip, -0.2, so each iteration
+    # multiplies beta by 1 - 0.2 * n / horizon with n the sequences of the iteration: the global
+    # count (both processes' batches), not one process's. tests/test_ppo_kl.py checks the mean.
+    result = run_fit(ppo_run_config(tmp_path, tiny_policy_dir, reward_model, data["prompts"], "run"),
+                     "--model.init_args.kl.adaptive=true", "--model.init_args.kl.target=1000000",
+                     "--model.init_args.kl.horizon=100", strategy="ddp")
+    assert result.returncode == 0, result.stderr[-4000:]
+    ranks = read_probe(tmp_path, "run-train_end")["ranks"]
+    assert ranks[0]["kl_coef"] == ranks[1]["kl_coef"]
+    global_batch = 2 * (ROWS // 2)
+    assert ranks[0]["kl_coef"] == pytest.approx(0.05 * (1 - 0.2 * global_batch / 100) ** 3, rel=1e-9)
+
+
 def test_fsdp1_config_refuses_a_cpu_with_a_clear_error(tmp_path, tiny_policy_dir, data):
     """``FSDPStrategy`` is the GPU path: on a CPU Lightning stops before loading anything."""
     config = write_config(tmp_path / "sft.yaml",

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from rlhf.ppo.kl import AdaptiveKLController, FixedKLController, kl_estimate, per_token_rewards
+from rlhf.ppo.kl import AdaptiveKLController, FixedKLController, kl_estimate, per_token_rewards, update_from_sequences
 
 T = torch.tensor
 LN2 = math.log(2.0)
@@ -107,3 +107,28 @@ def test_adaptive_controller_state_round_trip():
     c.update(7.0, 32)
     d.update(7.0, 32)
     assert d.value == c.value
+
+
+def test_adaptive_kl_moves_by_the_global_rollout_on_every_process():
+    # Two processes with different local KLs: each sums its [kl, count] with the other's.
+    rank_kl = [T([2.0, 4.0, 6.0]), T([12.0])]
+    locals_ = [torch.stack([kl.double().sum(), torch.tensor(float(kl.numel()), dtype=torch.float64)])
+               for kl in rank_kl]
+    total = locals_[0] + locals_[1]
+    controllers = [AdaptiveKLController(0.1, target=5.0, horizon=100) for _ in rank_kl]
+    for controller, kl in zip(controllers, rank_kl):
+        update_from_sequences(controller, kl, lambda local: total)
+    one_process = AdaptiveKLController(0.1, target=5.0, horizon=100)
+    update_from_sequences(one_process, torch.cat(rank_kl))
+    # global mean 6 over 4 sequences: error clip(6 / 5 - 1) = 0.2, value *= 1 + 0.2 * 4 / 100
+    assert controllers[0].value == controllers[1].value == one_process.value == pytest.approx(0.1 * 1.008)
+    per_rank = AdaptiveKLController(0.1, target=5.0, horizon=100)
+    per_rank.update(float(rank_kl[0].mean()), 3)  # what each process did on its own before
+    assert per_rank.value != controllers[0].value
+
+
+def test_adaptive_kl_ignores_a_non_finite_rollout():
+    controller = AdaptiveKLController(0.1, target=5.0, horizon=100)
+    update_from_sequences(controller, T([1.0, float("nan")]))
+    update_from_sequences(controller, T([]))
+    assert controller.value == 0.1

@@ -11,6 +11,8 @@ References:
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
@@ -20,6 +22,7 @@ from rlhf.masks import bool_mask, last_valid_index
 __all__ = [
     "kl_estimate",
     "masked_kl",
+    "update_from_sequences",
     "per_token_rewards",
     "FixedKLController",
     "AdaptiveKLController",
@@ -173,3 +176,21 @@ class AdaptiveKLController:
 
     def __repr__(self) -> str:
         return f"AdaptiveKLController(value={self.value}, target={self.target}, horizon={self.horizon})"
+
+
+def update_from_sequences(
+    controller: FixedKLController | AdaptiveKLController,
+    kl_per_sequence: torch.Tensor,
+    sum_over_processes: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
+) -> None:
+    """Update ``controller`` with the mean per-sequence KL and the sequence count of the whole
+    rollout: ``kl_per_sequence`` ``[b]`` is this process's share, ``sum_over_processes`` sums a
+    tensor over the processes of a multi-process run (identity for one), so every process moves
+    beta alike. A non-finite mean (it would poison the controller) leaves it as it is."""
+    local = torch.stack([
+        kl_per_sequence.detach().double().sum(),
+        torch.tensor(float(kl_per_sequence.numel()), dtype=torch.float64, device=kl_per_sequence.device),
+    ])
+    total_kl, sequences = sum_over_processes(local).tolist()
+    if sequences > 0 and math.isfinite(total_kl / sequences):
+        controller.update(total_kl / sequences, int(sequences))

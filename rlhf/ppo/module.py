@@ -31,10 +31,11 @@ from rlhf.distributed import shard_model
 from rlhf.generation import SamplingSettings, Scorer, assemble_sequences, sample_and_record, sample_responses
 from rlhf.guards import NonFiniteGuard
 from rlhf.models.forward import adapter_inputs_left_to_autocast, disable_dropout, trunk_hidden
+from rlhf.masks import masked_sum
 from rlhf.models.loading import ModelSettings, apply_lora
 from rlhf.models.logprobs import response_logprobs
 from rlhf.ppo.advantages import GROUPED, Estimator, compute_advantages
-from rlhf.ppo.kl import AdaptiveKLController, FixedKLController, masked_kl
+from rlhf.ppo.kl import AdaptiveKLController, FixedKLController, masked_kl, update_from_sequences
 from rlhf.ppo.metrics import rollout_metrics, update_metrics
 from rlhf.ppo.outputs import save_ppo_outputs
 from rlhf.ppo.rollout import Rollout, logprobs_from_generation
@@ -97,6 +98,10 @@ class PPOModule(StageModule):
             raise ValueError("PPO trains a LoRA policy: set base.lora (e.g. {r: 16, alpha: 32})")
         if estimator in GROUPED and samples_per_prompt < 2:
             raise ValueError(f"estimator={estimator} needs samples_per_prompt >= 2")
+        if iterations < 1:
+            raise ValueError(f"iterations must be >= 1 (got {iterations})")
+        if samples_per_prompt < 1:
+            raise ValueError(f"samples_per_prompt must be >= 1 (got {samples_per_prompt})")
         self.save_hyperparameters()
         self.automatic_optimization = False
         self.reward_settings = reward
@@ -212,9 +217,16 @@ class PPOModule(StageModule):
 
     def on_train_start(self) -> None:
         super().on_train_start()
-        if self._resumed and self.trainer.is_global_zero:
-            # Samples the killed run logged after its checkpoint are made again from here.
-            drop_samples_from(Path(self.trainer.default_root_dir) / SAMPLES_FILE, self.iteration)
+        from rlhf.ppo.samples import continue_samples
+        from rlhf.resume import stop_finished_run
+
+        if self.trainer.is_global_zero:
+            # Resumed: the rows the killed run logged after its checkpoint are made again from
+            # here (drop_samples_from); a new run starts the file anew.
+            continue_samples(Path(self.trainer.default_root_dir) / SAMPLES_FILE,
+                             self.iteration if self._resumed else None)
+        if self._resumed and self.iteration >= self.iterations:
+            self.output_dir = stop_finished_run(self.trainer, self.output_dir)
 
     def optimizer_steps_per_iteration(self) -> int:
         batch = self.trainer.datamodule.batch_size * self.samples_per_prompt
@@ -361,8 +373,10 @@ class PPOModule(StageModule):
             "iteration": float(self.iteration),
             "lr": self.lr_schedulers().get_last_lr()[0],
         }
-        if math.isfinite(metrics["kl/mean"]):  # a NaN would poison an adaptive controller
-            self.kl_controller.update(metrics["kl/mean"], len(rollout))
+        if self.kl_settings.adaptive:  # by the global rollout: every process keeps the same beta
+            sum_over_processes = lambda t: self.trainer.strategy.reduce(t.to(self.device), reduce_op="sum")  # noqa: E731
+            update_from_sequences(self.kl_controller, masked_sum(rollout.kl, rollout.response_mask, dim=1),
+                                  sum_over_processes)
         self.log_dict(metrics, batch_size=len(rollout), prog_bar=False)
         self.log("reward", metrics["reward/mean"], prog_bar=True, logger=False, batch_size=len(rollout))
         self.log("kl", metrics["kl/mean"], prog_bar=True, logger=False, batch_size=len(rollout))
