@@ -9,7 +9,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "rlhf"
-STAGES = ("sft", "rm", "ppo")
+STAGES = ("sft", "rm", "ppo", "dpo", "rejection")
 # Where a stage is chosen by name: the CLI resolves class paths from configs at run time, and
 # nothing else may name a stage package.
 MAY_IMPORT_STAGES: set[str] = {"rlhf.fit", "rlhf.pipeline"}
