@@ -217,16 +217,9 @@ class PPOModule(StageModule):
 
     def on_train_start(self) -> None:
         super().on_train_start()
-        from rlhf.ppo.samples import continue_samples
-        from rlhf.resume import stop_finished_run
-
-        if self.trainer.is_global_zero:
-            # Resumed: the rows the killed run logged after its checkpoint are made again from
-            # here (drop_samples_from); a new run starts the file anew.
-            continue_samples(Path(self.trainer.default_root_dir) / SAMPLES_FILE,
-                             self.iteration if self._resumed else None)
-        if self._resumed and self.iteration >= self.iterations:
-            self.output_dir = stop_finished_run(self.trainer, self.output_dir)
+        if self._resumed and self.trainer.is_global_zero:
+            # Samples the killed run logged after its checkpoint are made again from here.
+            drop_samples_from(Path(self.trainer.default_root_dir) / SAMPLES_FILE, self.iteration)
 
     def optimizer_steps_per_iteration(self) -> int:
         batch = self.trainer.datamodule.batch_size * self.samples_per_prompt
