@@ -1,5 +1,6 @@
-"""Non-finite guards for PPO updates: find what went NaN/inf, skip that minibatch, count it,
-and stop the run after too many bad minibatches in a row.
+"""Non-finite guards: find what went NaN/inf, in PPO skip that minibatch (count it, stop the
+run after too many bad minibatches in a row), in every stage stop on a non-finite loss or weight
+(:class:`rlhf.stage.StageModule`) and never save non-finite tensors as a complete output.
 
 A PPO minibatch update is skipped (no optimizer step) when any of its inputs or results is not
 finite: the rewards, advantages or returns of its rollout rows, the loss, or the gradient. One
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -21,7 +23,8 @@ CHECKED = ("reward", "kl", "advantage", "return", "value", "loss", "gradient")
 
 
 class NonFiniteError(RuntimeError):
-    """Too many consecutive PPO minibatch updates had non-finite values."""
+    """Training met non-finite values it cannot go on from (a NaN loss or weight, logits
+    that cannot be sampled, too many consecutive skipped PPO minibatch updates)."""
 
 
 def join_names(names: Iterable[str]) -> str:
@@ -38,17 +41,61 @@ def nonfinite_names(tensors: Mapping[str, torch.Tensor | None]) -> list[str]:
     return [name for name, t in tensors.items() if t is not None and not bool(torch.isfinite(t).all())]
 
 
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """This process's part of ``t`` (the local shard of a DTensor, else ``t``)."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def tensors_finite(tensors: Iterable[torch.Tensor]) -> bool:
+    """Whether every tensor of ``tensors`` holds only finite values (one device sync).
+    Sharded (DTensor) tensors are checked shard by shard on this process only."""
+    local = [local_tensor(t.detach()) for t in tensors]
+    local = [t for t in local if t.numel()]  # a process may hold an empty shard (FSDP2)
+    if not local:
+        return True
+    # The max-abs norm: NaN and inf pass through it, and unlike the 2-norm it cannot
+    # overflow for a huge but finite tensor.
+    return bool(torch.isfinite(torch.nn.utils.get_total_norm(local, norm_type=float("inf"))))
+
+
 def gradients_finite(parameters: Iterable[torch.nn.Parameter]) -> bool:
     """Whether every gradient of ``parameters`` is finite (parameters without one are skipped).
     Sharded (DTensor) gradients are checked shard by shard on this process only."""
-    grads = [p.grad for p in parameters if p.grad is not None]
-    grads = [g.to_local() if hasattr(g, "to_local") else g for g in grads]
-    grads = [g for g in grads if g.numel()]  # a process may hold an empty shard (FSDP2)
-    if not grads:
-        return True
-    # The max-abs norm: NaN and inf pass through it, and unlike the 2-norm it cannot
-    # overflow for a huge but finite gradient.
-    return bool(torch.isfinite(torch.nn.utils.get_total_norm(grads, norm_type=float("inf"))))
+    return tensors_finite(p.grad for p in parameters if p.grad is not None)
+
+
+def nonfinite_parameters(named: Iterable[tuple[str, torch.Tensor]]) -> tuple[list[str], int]:
+    """Names of the tensors of ``named`` (this process's shards) holding a NaN or inf, and how
+    many tensors were checked."""
+    tensors = {name: local_tensor(t.detach()) for name, t in named}
+    return nonfinite_names(tensors), len(tensors)
+
+
+def nonfinite_saved_tensors(directory: str | Path) -> tuple[list[str], int]:
+    """Tensors holding a NaN or inf in the ``*.safetensors`` and ``*.pt`` files under
+    ``directory`` (as ``file: tensor``, files relative to ``directory``), and how many
+    tensors were checked. Tensors are read one at a time."""
+    from safetensors import safe_open
+
+    root = Path(directory)
+    bad: list[str] = []
+    checked = 0
+    for path in sorted(root.rglob("*.safetensors")):
+        with safe_open(path, framework="pt") as f:
+            for key in f.keys():  # noqa: SIM118 (a safetensors file, not a dict)
+                checked += 1
+                t = f.get_tensor(key)
+                if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                    bad.append(f"{path.relative_to(root)}: {key}")
+    for path in sorted(root.rglob("*.pt")):
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        tensors = state if isinstance(state, Mapping) else {"": state}
+        for key, t in tensors.items():
+            if torch.is_tensor(t):
+                checked += 1
+                if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                    bad.append(f"{path.relative_to(root)}: {key}")
+    return bad, checked
 
 
 @dataclass

@@ -1,14 +1,24 @@
-"""What the three stage modules share: model settings, optimizer, lean checkpoints, outputs."""
+"""What the stage modules share: model settings, optimizer, lean checkpoints, outputs, and the
+non-finite guards (a NaN/inf loss or trainable weight stops the run with an error naming the
+stage and step; a stage never saves non-finite tensors as a complete output)."""
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, ClassVar
 
 import lightning as L
 import torch
 
 from rlhf.distributed import consolidate_on_rank_zero
+from rlhf.guards import (
+    NonFiniteError,
+    nonfinite_parameters,
+    nonfinite_saved_tensors,
+    tensors_finite,
+)
 from rlhf.models.loading import (
     LoraSettings,
     ModelSettings,
@@ -63,6 +73,8 @@ class StageModule(L.LightningModule):
     # Checkpoints hold only trainable tensors (LoRA, heads); the frozen base comes from
     # ``base`` again on load, so loading is non-strict.
     strict_loading = False
+    #: How messages name the stage ("SFT", "RM"); empty: the class name without ``Module``.
+    stage_label: ClassVar[str] = ""
 
     def __init__(
         self,
@@ -85,8 +97,17 @@ class StageModule(L.LightningModule):
         self.tokenizer = load_tokenizer(base.name_or_path, revision=base.revision)
         self.metrics_before_fit: dict[str, float] = {}
 
+    @property
+    def stage_name(self) -> str:
+        return self.stage_label or type(self).__name__.removesuffix("Module")
+
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
+
+    def named_trainable_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
+        """``(name, parameter)`` of each of :meth:`trainable_parameters`."""
+        trainable = {id(p) for p in self.trainable_parameters()}
+        return [(name, p) for name, p in self.named_parameters() if id(p) in trainable]
 
     def load_base_model(self, adapter_name: str = "default") -> torch.nn.Module:
         """The ``base`` causal LM at the run's precision (:meth:`run_precision`), with a LoRA
@@ -140,6 +161,76 @@ class StageModule(L.LightningModule):
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
+    # -- non-finite guards --------------------------------------------------------------------
+    def _place(self, where: str | Mapping[str, Any] | None) -> str:
+        """``step N`` (the trainer's global step, as in the logged metrics) by default;
+        ``iteration 1, epoch 0, minibatch 2`` for a mapping."""
+        if where is None:
+            trainer = self._trainer
+            return f"step {trainer.global_step if trainer is not None else 0}"
+        if isinstance(where, Mapping):
+            return ", ".join(f"{k} {v}" for k, v in where.items())
+        return where
+
+    def _on_any_process(self, flag: bool) -> bool:
+        """Whether ``flag`` is set on any process (every process must call this together)."""
+        trainer = self._trainer
+        if trainer is None:
+            return flag
+        return bool(trainer.strategy.reduce_boolean_decision(flag, all=False))
+
+    def _advice(self) -> str:
+        return (f"Lower the learning rate (model.init_args.lr = {self.lr:g}), clip gradients "
+                "(trainer.gradient_clip_val) or check the data; no stage output is written.")
+
+    def check_loss_finite(self, loss: torch.Tensor, where: str | Mapping[str, Any] | None = None) -> None:
+        """Raise :class:`NonFiniteError` (on every process) when ``loss`` is NaN/inf on any."""
+        value = loss.detach().float().reshape(-1)
+        finite = bool(torch.isfinite(value).all())
+        if not self._on_any_process(not finite):
+            return
+        shown = "non-finite on another process" if finite else f"{value[~torch.isfinite(value)][0].item()}"
+        raise NonFiniteError(
+            f"{self.stage_name} {self._place(where)}: loss is {shown}; stopping before the "
+            f"optimizer step. {self._advice()}"
+        )
+
+    def check_weights_finite(
+        self, where: str | Mapping[str, Any] | None = None, when: str = "after the optimizer step"
+    ) -> None:
+        """Raise :class:`NonFiniteError` (on every process) naming how many trainable tensors
+        hold a NaN/inf and the first one; call it after each optimizer step (manual
+        optimisation: right after ``optimizer.step()``). ``where`` locates the step (default:
+        the global step)."""
+        finite = tensors_finite(self.trainable_parameters())
+        if not self._on_any_process(not finite):
+            return
+        named = self.named_trainable_parameters()
+        bad, total = nonfinite_parameters(named) if not finite else ([], len(named))
+        first = bad[0] if bad else "on another process"
+        raise NonFiniteError(
+            f"{self.stage_name} {self._place(where)}: {len(bad)} of {total} trainable tensors "
+            f"non-finite {when} (first: {first}). {self._advice()}"
+        )
+
+    def check_saved_finite(self, directory: str | Path) -> None:
+        """Raise :class:`NonFiniteError` when a tensor saved under ``directory`` (safetensors,
+        ``.pt``) holds a NaN/inf; call it before writing the stage marker."""
+        bad, total = nonfinite_saved_tensors(directory)
+        if bad:
+            raise NonFiniteError(
+                f"{self.stage_name}: {len(bad)} of {total} saved tensors non-finite (first: "
+                f"{bad[0]}); the outputs are not written. {self._advice()}"
+            )
+
+    def on_before_backward(self, loss: torch.Tensor) -> None:
+        if self.automatic_optimization:  # manual optimisation (PPO) checks its own losses
+            self.check_loss_finite(loss)
+
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        self.check_weights_finite()
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         trainable = {name for name, p in self.named_parameters() if p.requires_grad}
         checkpoint["state_dict"] = {
@@ -154,13 +245,16 @@ class StageModule(L.LightningModule):
     def on_train_end(self) -> None:
         if self.output_dir is None or self.trainer.interrupted:
             return
+        self.check_weights_finite(f"at the end of training (step {self.trainer.global_step})",
+                                  when="before saving the outputs")
         consolidate_on_rank_zero(self)  # sharded (FSDP) runs: full weights on rank 0
         if self.trainer.is_global_zero:
             self.save_outputs(self.output_dir)
         self.trainer.strategy.barrier("rlhf-save-outputs")
 
     def save_outputs(self, output_dir: str) -> None:
-        """Write the stage's final model to ``output_dir`` (rank zero only)."""
+        """Write the stage's final model to ``output_dir`` (rank zero only); call
+        :meth:`check_saved_finite` on the files before writing the stage marker."""
         raise NotImplementedError
 
     def logged_metrics(self) -> dict[str, float]:

@@ -83,6 +83,15 @@ CASES = {
                       bad_line=b'{"prompt": "caf\xe9", "response": "a"}'),
     "ranking of one": Case("prefs", DataError, ["prefs.jsonl: line 2: field 'completions'", "at least 2 completions"],
                            bad_line={"prompt": "q", "completions": ["the only one"]}),
+    "pair identical after truncation": Case(
+        "prefs", DataError, [("{root}/prefs.jsonl: field 'rejected': chosen and rejected are identical after "
+                              "truncation to max_length = 48 tokens"), "data.init_args.on_bad_row"],
+        bad_line={"prompt": "q", "chosen": "word " * 60 + "good", "rejected": "word " * 60 + "bad"}),
+    "negative KL coefficient": Case(
+        "prompts", ValueError, ["kl.coef must be a finite number >= 0 (got -0.1)"],
+        change=lambda config, root: init_args(config).update(kl={"coef": -0.1})),
+    "zero PPO iterations": Case("prompts", ValueError, ["iterations must be >= 1 (got 0)"],
+                                change=lambda config, root: init_args(config).update(iterations=0)),
     "prompt longer than the context": Case(
         "prompts", ValueError,
         ["data.init_args.max_prompt_length (500) + model.init_args.sampling.max_new_tokens (64) = 564 tokens",

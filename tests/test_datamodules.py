@@ -11,6 +11,7 @@ from rlhf.data.datamodules import (
     PromptDataModule,
     deterministic_split,
 )
+from rlhf.data.errors import DataError
 from rlhf.data.records import Turn
 from rlhf.data.sources import DataSource
 from rlhf.data.tokenization import PromptFormatter, truncate_pair
@@ -170,3 +171,47 @@ def test_config_errors_are_early():
         PromptDataModule(train=DataSource("x.jsonl"), max_length=8, max_prompt_length=8)
     with pytest.raises(ValueError, match="val_fraction"):
         PromptDataModule(train=DataSource("x.jsonl"), val_fraction=1.5)
+
+
+def test_pairs_identical_after_truncation_are_skipped_and_counted_or_refused(tmp_path, tiny_model_dir, caplog):
+    same_start = " ".join(["word"] * 60)
+    rows = [
+        {"prompt": "p0", "chosen": same_start + " good", "rejected": same_start + " bad"},
+        {"prompt": "p1", "completions": ["short", same_start + " one", same_start + " two"]},
+        {"prompt": "p2", "chosen": "good", "rejected": "bad"},
+    ]
+    path = write_jsonl(tmp_path / "c.jsonl", rows)
+    with caplog.at_level("INFO", logger="rlhf.data"):
+        dm = set_up(ComparisonDataModule, path, tiny_model_dir, max_length=32, max_prompt_length=16,
+                    on_bad_row="skip")
+    # p0 lost its only pair (dropped); p1 kept short > one and short > two, not one > two.
+    assert len(dm.train_dataset) == 2 and dm.stats["dropped_units"] == 1
+    assert dm.stats["train_identical_pairs_skipped"] == 2
+    p1 = dm.train_dataset[0]
+    assert p1["pairs"] == [(0, 1), (0, 2)] and len(p1["completion_ids"]) == 3
+    assert p1["completion_ids"][1] == p1["completion_ids"][2]
+    assert "train: 0 of 2 prompts truncated" in caplog.text
+    assert "2 pairs skipped as identical after truncation" in caplog.text
+    with pytest.raises(DataError, match=r"c\.jsonl: field 'rejected': chosen and rejected are "
+                                        r"identical after truncation to max_length = 32 tokens"):
+        set_up(ComparisonDataModule, path, tiny_model_dir, max_length=32, max_prompt_length=16)
+
+
+@pytest.mark.parametrize("kind", ["prompt", "demonstration"])
+def test_truncated_prompts_and_responses_are_counted_per_split(tmp_path, tiny_model_dir, caplog, kind):
+    long = " ".join(["word"] * 60)
+    rows = [{"prompt": long if i % 2 else "hi", "response": long if i % 3 == 0 else "ok"} for i in range(6)]
+    if kind == "prompt":
+        rows = [{"prompt": r["prompt"]} for r in rows]
+    cls = PromptDataModule if kind == "prompt" else DemonstrationDataModule
+    dm = cls(train=DataSource(write_jsonl(tmp_path / "rows.jsonl", rows)), tokenizer=tiny_model_dir,
+             val_fraction=0.5, max_length=48, max_prompt_length=24)
+    with caplog.at_level("INFO", logger="rlhf.data"):
+        dm.setup("fit")
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith(("train: ", "val: "))]
+    assert [line.split(":")[0] for line in lines] == ["train", "val"]
+    prompts = dm.stats["train_truncated_prompts"] + dm.stats["val_truncated_prompts"]
+    responses = dm.stats["train_truncated_responses"] + dm.stats["val_truncated_responses"]
+    assert prompts == 3 and responses == (0 if kind == "prompt" else 2)
+    assert f"{dm.stats['train_truncated_prompts']} of 3 prompts truncated to max_prompt_length = 24" in lines[0]
+    assert ("responses truncated to fit max_length = 48" in lines[0]) == (kind == "demonstration")

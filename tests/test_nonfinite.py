@@ -143,3 +143,40 @@ def test_consecutive_nonfinite_updates_stop_the_run_naming_what(
     assert "iteration 1" in message and "max_nonfinite_steps = 3" in message  # 2 + 1 bad updates
     assert module.nonfinite.skipped == 3
     assert not (tmp_path / "out").exists()  # no stage output from a failed run
+
+
+class NaNPolicyAfterStep(L.Callback):
+    """Makes a policy LoRA weight NaN after each optimizer step (the step itself was finite)."""
+
+    def on_train_start(self, trainer, pl_module):
+        self.name, param = next((n, p) for n, p in pl_module.named_trainable_parameters()
+                                if ".lora_B.policy." in n)
+        trainer.optimizers[0].register_step_post_hook(lambda *_: param.data.fill_(NAN))
+
+
+def test_a_step_that_leaves_the_weights_nonfinite_stops_the_run_naming_it(tmp_path, tiny_policy_dir):
+    """The gradient guard passed such a step; the next rollout then drew token id = vocab size
+    and failed with an unrelated index error."""
+    module = make_module(tiny_policy_dir, tmp_path, iterations=3)
+    nan = NaNPolicyAfterStep()
+    with pytest.raises(NonFiniteError) as info:
+        fit(module, tmp_path, nan)
+    total = len(module.trainable_parameters())
+    assert str(info.value).startswith(
+        f"PPO iteration 0, epoch 0, minibatch 0: 1 of {total} trainable tensors non-finite "
+        f"after the optimizer step (first: {nan.name})"
+    )
+    assert not (tmp_path / "out").exists()
+
+
+class NaNPolicy(L.Callback):
+    def on_train_start(self, trainer, pl_module):
+        with torch.no_grad():
+            next(p for n, p in pl_module.named_parameters() if ".lora_B.policy." in n).fill_(NAN)
+
+
+def test_a_nonfinite_policy_is_refused_by_the_sampler(tmp_path, tiny_policy_dir):
+    module = make_module(tiny_policy_dir, tmp_path, iterations=2)
+    with pytest.raises(NonFiniteError, match="cannot sample the next token: the logits of 8 of 8 rows"):
+        fit(module, tmp_path, NaNPolicy())
+    assert not (tmp_path / "out").exists()

@@ -14,6 +14,7 @@ from rlhf.generation.sampler import (
     sample_from_logits,
     tempered_logprob_and_entropy,
 )
+from rlhf.guards import NonFiniteError
 
 LOGITS = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0])
 
@@ -139,3 +140,27 @@ def test_entropy_and_logprob_with_masked_tokens_are_finite():
     p = torch.softmax(torch.tensor([0.0, 1.0, 2.0]), dim=-1)
     torch.testing.assert_close(logp, p[1:2].log())
     torch.testing.assert_close(entropy, -(p * p.log()).sum().unsqueeze(0))
+
+
+@pytest.mark.parametrize("bad", ["nan", "inf", "all -inf"])
+@pytest.mark.parametrize("how", ["sample_from_logits", "top_k", "processor", "recording processor"])
+def test_logits_that_cannot_be_sampled_are_refused(bad, how):
+    """A diverged model's logits (a NaN or +inf, or -inf everywhere) used to draw token id =
+    vocab size, which failed later with an unrelated index error."""
+    logits = LOGITS.expand(3, -1).clone()
+    logits[1] = float("-inf") if bad == "all -inf" else logits[1]
+    if bad != "all -inf":
+        logits[1, 2] = float(bad)
+    match = r"cannot sample the next token: the logits of 1 of 3 rows are not finite"
+    with pytest.raises(NonFiniteError, match=match):
+        if how == "sample_from_logits":
+            sample_from_logits(logits, temperature=1.0)
+        elif how == "top_k":
+            sample_from_logits(logits, temperature=0.7, top_k=2, top_p=0.9)
+        else:
+            sampler = InverseCDFSampler(temperature=1.0, record=how == "recording processor")
+            sampler(torch.zeros(3, 1, dtype=torch.long), logits)
+    # Some -inf in a row (masked tokens) is fine.
+    logits = LOGITS.expand(3, -1).clone()
+    logits[1, 1:] = float("-inf")
+    assert sample_from_logits(logits, temperature=1.0)[1] == 0

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import random
 import warnings
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any, ClassVar, Literal
 
@@ -20,7 +21,16 @@ from torch.utils.data import DataLoader
 
 from rlhf.data.collate import DemonstrationCollator, PreferenceCollator, PromptCollator
 from rlhf.data.datasource import DataSource
-from rlhf.data.records import Comparison, Conversation, Demonstration, PromptRecord, Ranking
+from rlhf.data.errors import DataError
+from rlhf.data.preferences import PreferenceGroup, drop_identical_pairs, group_preferences
+from rlhf.data.records import (
+    Comparison,
+    Conversation,
+    Demonstration,
+    PromptRecord,
+    Ranking,
+    conversation_text,
+)
 from rlhf.data.sampling import ResumableRandomSampler, ResumedDataLoader
 from rlhf.data.sources import load_records
 from rlhf.data.tokenization import PromptFormatter, truncate_pair
@@ -71,7 +81,8 @@ class RLHFDataModule(L.LightningDataModule):
         batch_size: training units per batch (demonstrations, preference groups or prompts).
         eval_batch_size: validation batch size (defaults to ``batch_size``).
         num_workers: dataloader worker processes.
-        on_bad_row: ``"error"`` stops at the first bad row; ``"skip"`` skips and counts them.
+        on_bad_row: ``"error"`` stops at the first bad row; ``"skip"`` skips and counts them
+            (also comparison pairs whose responses are identical after truncation).
         use_chat_template: ``None`` uses the tokenizer's chat template when it has one.
         system_prompt: optional system turn for every prompt.
         pad_to_multiple_of: pad batch length to a multiple of this (8 helps tensor cores).
@@ -132,6 +143,10 @@ class RLHFDataModule(L.LightningDataModule):
         self.train_dataset: ListDataset | None = None
         self.val_dataset: ListDataset | None = None
         self.stats: dict[str, int] = {}
+        # Counts of the split being encoded, and of the unit being encoded (kept if it is).
+        self._split_counts: Counter[str] = Counter()
+        self._unit_counts: Counter[str] = Counter()
+        self._encoding_source = ""
         # Training order (see train_dataloader), and where a resumed run starts in it.
         self.train_sampler: ResumableRandomSampler | None = None
         self._resume_at: tuple[int, int] | None = None  # (epoch seed, batches of it done)
@@ -180,7 +195,11 @@ class RLHFDataModule(L.LightningDataModule):
             self.stats["skipped_rows"] = self.stats.get("skipped_rows", 0) + result.skipped.total
         return records
 
-    def _encode_all(self, units: list[Any]) -> list[dict[str, Any]]:
+    def _encode_all(self, units: list[Any], split: str, sources: list[DataSource]) -> list[dict[str, Any]]:
+        """Encode ``units`` of ``split`` (``train``/``val``); records its truncation counts in
+        :attr:`stats` and logs them in one line."""
+        self._split_counts = Counter()
+        self._encoding_source = ", ".join(str(s.path) for s in sources)
         items = []
         for index, unit in enumerate(units):
             item = self.encode(unit, index)
@@ -188,7 +207,27 @@ class RLHFDataModule(L.LightningDataModule):
                 self.stats["dropped_units"] = self.stats.get("dropped_units", 0) + 1
             else:
                 items.append(item)
+        counts = self._split_counts
+        self.stats[f"{split}_truncated_prompts"] = counts["truncated_prompts"]
+        self.stats[f"{split}_truncated_responses"] = counts["truncated_responses"]
+        if counts["identical_pairs"]:
+            self.stats[f"{split}_identical_pairs_skipped"] = counts["identical_pairs"]
+        if units:
+            log.info("%s", self.truncation_summary(split, counts))
         return items
+
+    def truncation_summary(self, split: str, counts: Counter[str]) -> str:
+        """E.g. ``train: 3 of 120 prompts truncated to max_prompt_length = 256 tokens, 5 of
+        240 responses truncated to fit max_length = 512 tokens``."""
+        prompts = (f"{counts['truncated_prompts']} of {counts['prompts']} prompts truncated to "
+                   f"max_prompt_length = {self.max_prompt_length} tokens")
+        parts = [prompts]
+        if counts["responses"]:
+            parts.append(f"{counts['truncated_responses']} of {counts['responses']} responses "
+                         f"truncated to fit max_length = {self.max_length} tokens")
+        if counts["identical_pairs"]:
+            parts.append(f"{counts['identical_pairs']} pairs skipped as identical after truncation")
+        return f"{split}: " + ", ".join(parts)
 
     def setup(self, stage: str | None = None) -> None:
         """Load, split and tokenize once (idempotent)."""
@@ -204,8 +243,9 @@ class RLHFDataModule(L.LightningDataModule):
             self.val_units = [units[i] for i in val_idx]
         if not self.train_units:
             raise ValueError(f"no training data left in {[s.path for s in self.train_sources]}")
-        self.train_dataset = ListDataset(self._encode_all(self.train_units))
-        self.val_dataset = ListDataset(self._encode_all(self.val_units))
+        val_sources = self.val_sources or self.train_sources
+        self.train_dataset = ListDataset(self._encode_all(self.train_units, "train", self.train_sources))
+        self.val_dataset = ListDataset(self._encode_all(self.val_units, "val", val_sources))
         self.stats.update(train_units=len(self.train_dataset), val_units=len(self.val_dataset))
         log.info("data: %s", self.stats)
         if self.trainer is not None:
@@ -286,9 +326,18 @@ class RLHFDataModule(L.LightningDataModule):
 
     def encode(self, unit: Any, index: int) -> dict[str, Any] | None:
         """Token ids for one unit (:meth:`encode_unit`), or ``None`` to drop it: also when
-        :meth:`drops_prompt` drops its prompt (``unit.prompt``)."""
+        :meth:`drops_prompt` drops its prompt (``unit.prompt``). A kept unit's truncated
+        prompt and responses are counted."""
         prompt_ids = self.formatter.prompt_ids(unit.prompt)
-        return None if self.drops_prompt(prompt_ids) else self.encode_unit(unit, prompt_ids, index)
+        if self.drops_prompt(prompt_ids):
+            return None
+        self._unit_counts = Counter()
+        item = self.encode_unit(unit, prompt_ids, index)
+        if item is not None:
+            self._unit_counts["prompts"] += 1
+            self._unit_counts["truncated_prompts"] += len(prompt_ids) > self.max_prompt_length
+            self._split_counts.update(self._unit_counts)
+        return item
 
     def pair_ids(
         self, prompt: Conversation, response: str, prompt_ids: list[int]
@@ -296,12 +345,10 @@ class RLHFDataModule(L.LightningDataModule):
         """Prompt and response ids for one pair, truncated to the configured lengths (a
         response is empty when nothing of it fits); ``prompt_ids`` are the prompt's untruncated
         ids (``formatter.prompt_ids(prompt)``, tokenized once per unit)."""
-        pair = truncate_pair(
-            prompt_ids,
-            self.formatter.response_ids(prompt, response),
-            self.max_length,
-            self.max_prompt_length,
-        )
+        response_ids = self.formatter.response_ids(prompt, response)
+        pair = truncate_pair(prompt_ids, response_ids, self.max_length, self.max_prompt_length)
+        self._unit_counts["responses"] += 1
+        self._unit_counts["truncated_responses"] += len(pair.response_ids) < len(response_ids)
         return pair.prompt_ids, pair.response_ids
 
 
@@ -316,38 +363,6 @@ class DemonstrationDataModule(RLHFDataModule):
     ) -> dict[str, Any] | None:
         prompt_ids, response_ids = self.pair_ids(unit.prompt, unit.response, prompt_ids)
         return {"prompt_ids": prompt_ids, "response_ids": response_ids} if response_ids else None
-
-
-class PreferenceGroup:
-    """All comparisons of one prompt: its distinct completions and ``(better, worse)`` pairs."""
-
-    def __init__(self, prompt: Conversation) -> None:
-        self.prompt = prompt
-        self.completions: list[str] = []
-        self.pairs: list[tuple[int, int]] = []
-        self.margins: list[float] = []
-
-    def _slot(self, completion: str) -> int:
-        if completion not in self.completions:
-            self.completions.append(completion)
-        return self.completions.index(completion)
-
-    def add(self, better: str, worse: str, margin: float | None = None) -> None:
-        self.pairs.append((self._slot(better), self._slot(worse)))
-        self.margins.append(0.0 if margin is None else float(margin))
-
-
-def group_preferences(records: list[Comparison | Ranking]) -> list[PreferenceGroup]:
-    """Group comparisons and rankings by prompt, in order of first appearance."""
-    groups: dict[Conversation, PreferenceGroup] = {}
-    for record in records:
-        group = groups.setdefault(record.prompt, PreferenceGroup(record.prompt))
-        if isinstance(record, Ranking):
-            for i, j in record.pairs():
-                group.add(record.completions[i], record.completions[j])
-        else:
-            group.add(record.chosen, record.rejected, record.margin)
-    return list(groups.values())
 
 
 class ComparisonDataModule(RLHFDataModule):
@@ -369,13 +384,35 @@ class ComparisonDataModule(RLHFDataModule):
         encoded = [self.pair_ids(unit.prompt, c, prompt_ids) for c in unit.completions]
         if any(not response for _, response in encoded):
             return None
+        completions, pairs, margins = self.distinct_pairs(
+            unit, [response for _, response in encoded]
+        )
+        if not pairs:
+            return None
         # Truncation keeps the prompt identical for every completion of the group.
         return {
             "prompt_ids": encoded[0][0],
-            "completion_ids": [response for _, response in encoded],
-            "pairs": list(unit.pairs),
-            "margins": list(unit.margins),
+            "completion_ids": completions,
+            "pairs": pairs,
+            "margins": margins,
         }
+
+    def distinct_pairs(
+        self, unit: PreferenceGroup, completions: list[list[int]]
+    ) -> tuple[list[list[int]], list[tuple[int, int]], list[float]]:
+        """:func:`drop_identical_pairs` of the group's encoded ``completions``: a pair identical
+        after truncation raises a :class:`DataError` (``on_bad_row="error"``) or is counted."""
+        completions, pairs, margins, identical = drop_identical_pairs(completions, unit.pairs, unit.margins)
+        if identical and self.on_bad_row == "error":
+            raise DataError(
+                self._encoding_source, None, "rejected",
+                f"chosen and rejected are identical after truncation to max_length = "
+                f"{self.max_length} tokens (prompt {conversation_text(unit.prompt)[:60]!r}); raise "
+                "data.init_args.max_length, or set data.init_args.on_bad_row: skip to skip such pairs",
+                kind="identical after truncation",
+            )
+        self._split_counts["identical_pairs"] += identical
+        return completions, pairs, margins
 
 
 class PromptDataModule(RLHFDataModule):

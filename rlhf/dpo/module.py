@@ -239,5 +239,6 @@ class DPOModule(StageModule):
                 merged.save_pretrained(tmp / "model")
                 self.tokenizer.save_pretrained(tmp / "model")
                 info["model_dir"] = "model"
+            self.check_saved_finite(tmp)
             write_stage_marker(tmp, info)
         log.info("saved DPO outputs to %s", output_dir)

@@ -11,6 +11,10 @@ the measurements are in docs/performance-notes.md.
 processor of a *greedy* search: it draws the token itself and hands back scores that are
 ``-inf`` everywhere but there, so the greedy ``argmax`` keeps the drawn token. KV caching,
 EOS handling and FSDP's ``synced_gpus`` stepping stay ``generate``'s.
+
+Logits that cannot be sampled (a NaN or +inf anywhere in a row, or ``-inf`` for every token:
+what a diverged model gives) raise :class:`rlhf.guards.NonFiniteError` (one device sync per
+draw) instead of drawing an index past the vocabulary.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from transformers import LogitsProcessor
 
+from rlhf.guards import NonFiniteError
 from rlhf.models.logprobs import check_temperature
 
 
@@ -78,10 +83,27 @@ def draw_inverse_cdf(weights: torch.Tensor, generator: torch.Generator | None = 
     return (block * CDF_BLOCK + torch.searchsorted(inside_cdf, rest, right=True)).squeeze(1)
 
 
-def _shifted_exp(scaled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def check_samplable(row_max: torch.Tensor) -> None:
+    """Raise :class:`NonFiniteError` unless every row's largest scaled logit ``row_max``
+    ``[B, 1]`` is finite: ``amax`` is NaN for a row with a NaN, ``+inf`` for one with ``+inf``
+    and ``-inf`` for one that is ``-inf`` everywhere, and such rows cannot be sampled."""
+    bad = ~torch.isfinite(row_max)
+    if bool(bad.any()):
+        raise NonFiniteError(
+            f"cannot sample the next token: the logits of {int(bad.sum())} of {bad.numel()} rows "
+            "are not finite (NaN or +inf, or -inf for every token); the model's weights or "
+            "inputs have gone non-finite (a diverged policy: lower the learning rate)"
+        )
+
+
+def _shifted_exp(scaled: torch.Tensor, check: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """``(d, e)`` for ``[B, V]`` scaled logits: ``d = scaled - rowmax``, ``e = exp(d)`` (the
-    unnormalised probabilities, ``0`` where ``scaled`` is ``-inf``)."""
-    d = scaled - scaled.amax(dim=-1, keepdim=True)
+    unnormalised probabilities, ``0`` where ``scaled`` is ``-inf``); with ``check``, rows that
+    cannot be sampled raise (:func:`check_samplable`)."""
+    row_max = scaled.amax(dim=-1, keepdim=True)
+    if check:
+        check_samplable(row_max)
+    d = scaled - row_max
     return d, d.exp()
 
 
@@ -105,8 +127,9 @@ def sample_from_logits(
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """One token per row ``[B]`` drawn from ``softmax(filter_logits(logits, ...))`` by
-    :func:`draw_inverse_cdf`."""
-    _, weights = _shifted_exp(filter_logits(logits, temperature, top_k, top_p))
+    :func:`draw_inverse_cdf`; raises :class:`NonFiniteError` for logits that cannot be
+    sampled (:func:`check_samplable`)."""
+    _, weights = _shifted_exp(filter_logits(logits, temperature, top_k, top_p), check=True)
     return draw_inverse_cdf(weights, generator)
 
 
@@ -137,7 +160,7 @@ class InverseCDFSampler(LogitsProcessor):
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         if self.record and self.top_k == 0 and self.top_p >= 1.0:
-            d, e = _shifted_exp(scores.float() / self.temperature)
+            d, e = _shifted_exp(scores.float() / self.temperature, check=True)
             tokens = draw_inverse_cdf(e, self.generator)
             logp, entropy = _logprob_and_entropy(d, e, tokens)
         else:

@@ -7,6 +7,7 @@ import math
 from rlhf.masks import masked_mean, masked_sum
 from rlhf.ppo.advantages import explained_variance
 from rlhf.ppo.rollout import Rollout
+from rlhf.ppo.samples import response_ids
 
 
 def rollout_metrics(r: Rollout, prefix: str = "", gold_scores: list[float] | None = None) -> dict[str, float]:
@@ -27,6 +28,14 @@ def rollout_metrics(r: Rollout, prefix: str = "", gold_scores: list[float] | Non
     if gold_scores is not None:
         metrics[f"{prefix}gold/mean"] = sum(gold_scores) / max(1, len(gold_scores))
     return metrics
+
+
+def gold_scores(gold: str, tokenizer, rollout: Rollout) -> list[float]:  # noqa: ANN001 (a tokenizer)
+    """The gold function ``gold`` (:data:`rlhf.gold.GOLD_FUNCTIONS`) on each decoded response."""
+    from rlhf.gold import gold_function
+
+    texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in response_ids(rollout)]
+    return gold_function(gold)(texts)
 
 
 def update_metrics(stats: dict[str, float], rollout: Rollout, uses_critic: bool) -> dict[str, float]:

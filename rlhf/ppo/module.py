@@ -36,10 +36,10 @@ from rlhf.models.loading import ModelSettings, apply_lora
 from rlhf.models.logprobs import response_logprobs
 from rlhf.ppo.advantages import GROUPED, Estimator, compute_advantages
 from rlhf.ppo.kl import AdaptiveKLController, FixedKLController, masked_kl, update_from_sequences
-from rlhf.ppo.metrics import rollout_metrics, update_metrics
+from rlhf.ppo.metrics import gold_scores, rollout_metrics, update_metrics
 from rlhf.ppo.outputs import save_ppo_outputs
 from rlhf.ppo.rollout import Rollout, logprobs_from_generation
-from rlhf.ppo.samples import SAMPLES_FILE, drop_samples_from, log_sample_table, response_ids
+from rlhf.ppo.samples import SAMPLES_FILE, drop_samples_from, log_sample_table
 from rlhf.ppo.scores import shape_scores
 from rlhf.ppo.settings import POLICY, VALUE, KLSettings, RewardSettings, UpdateSettings
 from rlhf.ppo.update import ppo_update
@@ -159,6 +159,9 @@ class PPOModule(StageModule):
 
     def setup(self, stage: str) -> None:
         super().setup(stage)
+        if stage == "fit":
+            batch = getattr(self.trainer.datamodule, "batch_size", None)
+            self.update_settings.check_rollout(batch, self.samples_per_prompt)
         if stage in ("fit", "validate") and self.scorer is None:
             if self.reward_settings is None:
                 raise ValueError("no reward: set model.init_args.reward.model to the RM stage output")
@@ -346,13 +349,7 @@ class PPOModule(StageModule):
     # -- Lightning hooks -------------------------------------------------------------------------
     def rollout_metrics(self, r: Rollout, prefix: str = "") -> dict[str, float]:
         """:func:`rlhf.ppo.metrics.rollout_metrics`, with ``gold/mean`` when ``gold`` is set."""
-        gold = None
-        if self.gold is not None:
-            from rlhf.gold import gold_function
-
-            texts = [self.tokenizer.decode(ids, skip_special_tokens=True) for ids in response_ids(r)]
-            gold = gold_function(self.gold)(texts)
-        return rollout_metrics(r, prefix, gold)
+        return rollout_metrics(r, prefix, gold_scores(self.gold, self.tokenizer, r) if self.gold else None)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         with adapter_inputs_left_to_autocast(self.model, self.device.type):

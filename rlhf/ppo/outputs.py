@@ -43,5 +43,6 @@ def save_ppo_outputs(module: PPOModule, output_dir: str) -> None:
             merged.save_pretrained(tmp / "model")
             module.tokenizer.save_pretrained(tmp / "model")
             info["model_dir"] = "model"
+        module.check_saved_finite(tmp)
         write_stage_marker(tmp, info)
     log.info("saved PPO outputs to %s", output_dir)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -44,6 +45,13 @@ class KLSettings:
     target: float = 6.0
     horizon: int = 10000
     estimator: Literal["k1", "k2", "k3"] = "k1"
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.coef) and self.coef >= 0):
+            raise ValueError(
+                f"kl.coef must be a finite number >= 0 (got {self.coef}): a negative coefficient "
+                "rewards moving away from the reference model"
+            )
 
 
 @dataclass
@@ -102,3 +110,24 @@ class UpdateSettings:
             raise ValueError(f"old_logprobs must be 'auto', 'generation' or 'recompute' (got {self.old_logprobs!r})")
         if self.max_nonfinite_steps < 0:
             raise ValueError(f"max_nonfinite_steps must be >= 0 (got {self.max_nonfinite_steps})")
+        if self.ppo_epochs < 1:
+            raise ValueError(f"update.ppo_epochs must be >= 1 (got {self.ppo_epochs})")
+        for key in ("minibatch_size", "micro_batch_size"):
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                raise ValueError(f"update.{key} must be >= 1 or null (got {value})")
+
+    def check_rollout(self, batch_size: int | None, samples_per_prompt: int) -> None:
+        """Refuse a ``minibatch_size`` larger than the rollout (``batch_size`` prompts times
+        ``samples_per_prompt`` sequences; ``batch_size`` ``None``: unknown, not checked): it
+        would silently be one minibatch of the whole rollout."""
+        if batch_size is None or self.minibatch_size is None:
+            return
+        rollout = batch_size * samples_per_prompt
+        if self.minibatch_size > rollout:
+            raise ValueError(
+                f"update.minibatch_size ({self.minibatch_size}) is larger than the rollout: "
+                f"data.init_args.batch_size ({batch_size}) x model.init_args.samples_per_prompt "
+                f"({samples_per_prompt}) = {rollout} sequences; lower it to at most {rollout} "
+                "(or null for the whole rollout)"
+            )

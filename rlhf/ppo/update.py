@@ -141,6 +141,7 @@ def step_or_skip(module: PPOModule, bad: list[str], check_gradients: bool, where
     if max_norm is not None:
         module.clip_gradients(optimizer, gradient_clip_val=max_norm, gradient_clip_algorithm="norm")
     optimizer.step()
+    module.check_weights_finite(where)
     optimizer.zero_grad(set_to_none=True)
     scheduler.step()
     return True

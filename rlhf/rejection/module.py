@@ -307,6 +307,7 @@ class RejectionSamplingModule(StageModule):
         if self.max_grad_norm is not None:
             self.clip_gradients(optimizer, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm")
         optimizer.step()
+        self.check_weights_finite({"round": self.round})
         optimizer.zero_grad(set_to_none=True)
         return total
 

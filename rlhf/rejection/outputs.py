@@ -44,5 +44,6 @@ def save_rejection_outputs(module: RejectionSamplingModule, output_dir: str) -> 
             merged.save_pretrained(tmp / "model")
             module.tokenizer.save_pretrained(tmp / "model")
             info["model_dir"] = "model"
+        module.check_saved_finite(tmp)
         write_stage_marker(tmp, info)
     log.info("saved %s outputs to %s", module.mode.upper(), output_dir)

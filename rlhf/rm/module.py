@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from typing import Any
 
 import torch
 from torchmetrics import CatMetric, MeanMetric, Metric
 
 from rlhf.distributed import shard_model
+from rlhf.guards import NonFiniteError
 from rlhf.models.forward import adapter_inputs_left_to_autocast
 from rlhf.models.loading import ModelSettings
 from rlhf.outputs import atomic_directory, write_stage_marker
@@ -47,6 +49,8 @@ class RewardModule(StageModule):
         stats_max_rows: training sequences used for the saved score mean/std (``None``: all).
         **kwargs: optimizer and output settings of :class:`rlhf.stage.StageModule`.
     """
+
+    stage_label = "RM"
 
     def __init__(
         self,
@@ -209,6 +213,11 @@ class RewardModule(StageModule):
         data = getattr(self.trainer, "datamodule", None)
         if data is not None and getattr(data, "train_dataset", None):
             stats = self.score_statistics(data.train_dataloader(), self.stats_max_rows)
+            if not (math.isfinite(stats["score_mean"]) and math.isfinite(stats["score_std"])):
+                raise NonFiniteError(
+                    f"RM: training scores have mean {stats['score_mean']} and std "
+                    f"{stats['score_std']}; the outputs are not written. {self._advice()}"
+                )
             self.model.score_mean, self.model.score_std = stats["score_mean"], stats["score_std"]
             log.info("training scores: mean %.4f, std %.4f over %d sequences",
                      stats["score_mean"], stats["score_std"], stats["rows"])
@@ -229,5 +238,6 @@ class RewardModule(StageModule):
                 tmp, tokenizer=self.tokenizer, merge=True, extra={"data": self._data_settings()}
             )
             info.update({k: saved[k] for k in ("model_dir", "adapter_dir", "score_mean", "score_std")})
+            self.check_saved_finite(tmp)
             write_stage_marker(tmp, info)
         log.info("saved reward model to %s", output_dir)

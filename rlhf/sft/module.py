@@ -36,6 +36,8 @@ class SFTModule(StageModule):
         **kwargs: optimizer and output settings of :class:`rlhf.stage.StageModule`.
     """
 
+    stage_label = "SFT"
+
     def __init__(
         self,
         base: ModelSettings,
@@ -128,5 +130,6 @@ class SFTModule(StageModule):
                 model.save_pretrained(tmp / "model")
                 self.tokenizer.save_pretrained(tmp / "model")
                 info["model_dir"] = "model"
+            self.check_saved_finite(tmp)
             write_stage_marker(tmp, info)
         log.info("saved SFT outputs to %s", output_dir)
