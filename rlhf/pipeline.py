@@ -15,10 +15,19 @@ A pipeline config lists stages; each reads what the previous ones saved::
 A ``fit`` stage's output is its config's ``model.init_args.output_dir``; it is complete when
 the stage marker (``rlhf_stage.json``) is there, which the stage writes last and atomically. A
 ``run`` stage (any ``python -m`` module) is complete when its ``output`` exists (write it
-atomically). Complete stages are skipped unless ``--force`` (or ``--from NAME``); once a stage
-runs, every later stage runs too, since its inputs changed. Each stage is a subprocess, so a
-crash in one leaves the completed ones intact and the next run resumes from there. The run ends
-with a summary table.
+atomically). Each stage is a subprocess, so a crash in one leaves the completed ones intact.
+
+A re-run skips a complete stage only while it is up to date: the pipeline records each stage's
+fingerprint (command, config file hashes, the earlier stages' outputs; see
+:mod:`rlhf.pipeline_state`), and a stage whose fingerprint changed runs again, as does every
+stage after one that runs. ``--force`` re-runs every stage, ``--from NAME`` that one and the
+rest. A ``fit`` stage whose run was interrupted (Ctrl-C, SIGTERM, kill -9, a crash) resumes
+from its checkpoint (``--ckpt_path last``) when its fingerprint is unchanged, else starts anew.
+
+Ctrl-C or SIGTERM to the pipeline reaches the running stage (as SIGTERM), which saves a
+checkpoint and exits; the pipeline then exits with the stage's code. If the pipeline is killed
+outright the stage gets SIGTERM (Linux). A second pipeline on the same outputs refuses to start
+(a lock per output). The run ends with a summary table.
 """
 
 from __future__ import annotations
@@ -26,7 +35,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -38,6 +46,20 @@ import yaml
 
 from rlhf.console import quiet_known_warnings
 from rlhf.outputs import read_stage_marker
+from rlhf.pipeline_state import (
+    PipelineLockedError,
+    fingerprint,
+    fingerprint_changes,
+    hold_locks,
+    interrupted_exit_code,
+    output_stamp,
+    read_record,
+    run_child,
+    write_record,
+)
+from rlhf.resume import NOT_BEFORE_ENV
+
+EXIT_LOCKED = 3
 
 
 class PipelineConfigError(ValueError):
@@ -53,17 +75,23 @@ class Stage:
         command: the ``python -m`` arguments (module first).
         output: what the stage writes; its presence (with a marker for fit stages) means done.
         kind: ``fit`` or ``run``.
+        configs: a ``fit`` stage's config files (fingerprinted).
     """
 
     name: str
     command: list[str]
     output: Path
     kind: str
+    configs: tuple[Path, ...] = ()
 
     def is_complete(self) -> bool:
         if self.kind == "fit":
             return read_stage_marker(self.output) is not None
         return self.output.exists()
+
+    def stamp(self) -> int | None:
+        """When its output was last written (see :func:`rlhf.pipeline_state.output_stamp`)."""
+        return output_stamp(self.output, self.kind == "fit")
 
 
 @dataclass
@@ -74,6 +102,7 @@ class StageResult:
     status: str  # "ran", "skipped", "failed", "interrupted", "not run"
     seconds: float = 0.0
     summary: dict[str, str] = field(default_factory=dict)
+    exit_code: int | None = None  # the pipeline's, when a signal stopped it here
 
 
 def _fit_output_dir(config: Path, where: str) -> Path:
@@ -134,7 +163,7 @@ def load_pipeline(path: str | os.PathLike) -> list[Stage]:
             command += extra
             output = entry.get("output") or _override_output_dir(extra)
             output = Path(output) if output else _fit_output_dir(Path(configs[-1]), where)
-            stages.append(Stage(entry["name"], command, output, "fit"))
+            stages.append(Stage(entry["name"], command, output, "fit", tuple(Path(c) for c in configs)))
         else:
             run = entry["run"]
             if not isinstance(run, list) or not run or not all(isinstance(a, (str, int, float)) for a in run):
@@ -145,7 +174,22 @@ def load_pipeline(path: str | os.PathLike) -> list[Stage]:
     names = [s.name for s in stages]
     if len(set(names)) != len(names):
         raise PipelineConfigError(f"{path}: stage names must be unique, got {names}")
+    check_outputs_apart(stages, path)
     return stages
+
+
+def check_outputs_apart(stages: Sequence[Stage], path: Path) -> None:
+    """Refuse two stages with one output, or one output inside another: a stage replaces its
+    whole output directory when it saves, which would delete the other."""
+    resolved = [(stage, stage.output.resolve()) for stage in stages]
+    for a, out_a in resolved:
+        for b, out_b in resolved:
+            if a is not b and (out_a == out_b or out_a in out_b.parents):
+                raise PipelineConfigError(
+                    f"{path}: stage {a.name}'s output {a.output} contains stage {b.name}'s output "
+                    f"{b.output}; saving {a.name} replaces its output whole and would delete "
+                    f"{b.name}'s: give each stage its own output"
+                )
 
 
 # ------------------------------------------------------------------------------- summaries
@@ -202,6 +246,65 @@ def print_summary(results: Sequence[StageResult], total_seconds: float) -> None:
 
 
 # ------------------------------------------------------------------------------- running
+def stale_reason(stage: Stage, earlier: Sequence[Stage], current: dict[str, Any]) -> str | None:
+    """Why ``stage`` must run (``None``: it is complete and up to date). Without a record (an
+    output from before the pipeline kept them, or made by hand) it is stale when an earlier
+    stage's output is newer than its own."""
+    if not stage.is_complete():
+        return "not complete"
+    record = read_record(stage.output)
+    if record is None:
+        own = stage.stamp() or 0
+        newer = [s.name for s in earlier if (s.stamp() or 0) > own]
+        return f"{', '.join(newer)} newer than its output" if newer else None
+    if record.get("status") != "complete":
+        return "its last run did not finish"
+    return "; ".join(fingerprint_changes(record.get("fingerprint") or {}, current)) or None
+
+
+def _resumable(stage: Stage, current: dict[str, Any]) -> dict[str, Any] | None:
+    """The record of ``stage``'s interrupted run when it is the run to resume: a ``fit``
+    stage's, started with the same fingerprint (the same config, command and inputs)."""
+    record = read_record(stage.output)
+    if stage.kind != "fit" or record is None or record.get("status") != "started":
+        return None
+    if any(arg == "--ckpt_path" or arg.startswith("--ckpt_path=") for arg in stage.command):
+        return None  # the stage says where to resume from itself
+    if record.get("fingerprint") != current:
+        print(f"[rlhf.pipeline] {stage.name}: its interrupted run had other inputs or config; "
+              f"starting anew", flush=True)
+        return None
+    return record
+
+
+def run_stage(stage: Stage, current: dict[str, Any], python: str, resume: bool) -> StageResult:
+    """Run one stage (resuming its interrupted run when ``resume`` and there is one) and record
+    it; a signal to the pipeline stops it (see :func:`rlhf.pipeline_state.run_child`)."""
+    interrupted = _resumable(stage, current) if resume else None
+    started_at = interrupted["started_at"] if interrupted else time.time()
+    write_record(stage.output, {"stage": stage.name, "status": "started", "started_at": started_at,
+                                "fingerprint": current})
+    command = [python, "-m", *stage.command, *(["--ckpt_path", "last"] if interrupted else [])]
+    env = {k: v for k, v in os.environ.items() if k != NOT_BEFORE_ENV}
+    if interrupted:  # only that run's checkpoints, not an older run's
+        env[NOT_BEFORE_ENV] = repr(started_at)
+    print(f"[rlhf.pipeline] {stage.name}: {' '.join(command[1:])}", flush=True)
+    start = time.perf_counter()
+    code, signum = run_child(command, env)
+    seconds = time.perf_counter() - start
+    complete = code == 0 and stage.is_complete()
+    if signum is not None and not complete:
+        print(f"[rlhf.pipeline] {stage.name} interrupted", file=sys.stderr, flush=True)
+        return StageResult(stage, "interrupted", seconds, exit_code=interrupted_exit_code(code, signum))
+    if not complete:
+        why = f"exit code {code}" if code else f"finished but {stage.output} is not complete"
+        print(f"[rlhf.pipeline] {stage.name} failed ({why})", file=sys.stderr, flush=True)
+        return StageResult(stage, "failed", seconds)
+    write_record(stage.output, {"stage": stage.name, "status": "complete", "started_at": started_at,
+                                "finished_at": time.time(), "fingerprint": current})
+    return StageResult(stage, "ran", seconds, stage_summary(stage), 128 + signum if signum else None)
+
+
 def run_pipeline(
     stages: Sequence[Stage],
     force: bool = False,
@@ -209,7 +312,8 @@ def run_pipeline(
     until: str | None = None,
     python: str = sys.executable,
 ) -> list[StageResult]:
-    """Run the stages that are not complete (see the module doc); stops at the first failure."""
+    """Run the stages that are not complete and up to date (see the module doc), holding each
+    output's lock; stops at the first failure or signal."""
     names = [s.name for s in stages]
     for name in (start_from, until):
         if name is not None and name not in names:
@@ -217,38 +321,26 @@ def run_pipeline(
     first_forced = 0 if force else names.index(start_from) if start_from else len(stages)
     last = names.index(until) if until else len(stages) - 1
     results: list[StageResult] = []
-    rerun_rest = False
-    failed = False
-    for i, stage in enumerate(stages):
-        if failed or i > last:
-            results.append(StageResult(stage, "not run"))
-            continue
-        if not rerun_rest and i < first_forced and stage.is_complete():
-            print(f"[rlhf.pipeline] {stage.name}: complete ({stage.output}), skipped", flush=True)
-            results.append(StageResult(stage, "skipped", summary=stage_summary(stage)))
-            continue
-        rerun_rest = True
-        command = [python, "-m", *stage.command]
-        print(f"[rlhf.pipeline] {stage.name}: {' '.join(command[1:])}", flush=True)
-        start = time.perf_counter()
-        process = subprocess.Popen(command)
-        try:
-            code = process.wait()
-        except KeyboardInterrupt:
-            # The stage got the same Ctrl-C (one process group): let it save and exit.
-            code = process.wait()
-            print(f"[rlhf.pipeline] {stage.name} interrupted", file=sys.stderr, flush=True)
-            results.append(StageResult(stage, "interrupted", time.perf_counter() - start))
-            failed = True
-            continue
-        seconds = time.perf_counter() - start
-        if code != 0 or not stage.is_complete():
-            why = f"exit code {code}" if code else f"finished but {stage.output} is not complete"
-            print(f"[rlhf.pipeline] {stage.name} failed ({why})", file=sys.stderr, flush=True)
-            results.append(StageResult(stage, "failed", seconds))
-            failed = True
-            continue
-        results.append(StageResult(stage, "ran", seconds, stage_summary(stage)))
+    rerun_rest = stopped = False
+    with hold_locks([s.output for s in stages]):
+        for i, stage in enumerate(stages):
+            if stopped or i > last:
+                results.append(StageResult(stage, "not run"))
+                continue
+            current = fingerprint(stage.command, stage.configs, {s.name: s.stamp() for s in stages[:i]})
+            forced = i >= first_forced
+            if not rerun_rest and not forced:
+                why = stale_reason(stage, stages[:i], current)
+                if why is None:
+                    print(f"[rlhf.pipeline] {stage.name}: complete ({stage.output}), skipped", flush=True)
+                    results.append(StageResult(stage, "skipped", summary=stage_summary(stage)))
+                    continue
+                if why != "not complete":
+                    print(f"[rlhf.pipeline] {stage.name}: out of date ({why})", flush=True)
+            rerun_rest = True
+            result = run_stage(stage, current, python, resume=not forced)
+            results.append(result)
+            stopped = result.status != "ran" or result.exit_code is not None
     return results
 
 
@@ -267,7 +359,8 @@ def build_parser(
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the pipeline ``argv`` describes; the exit code (0 done, 1 a stage failed, 2 a bad
-    config, 130 interrupted). The summary table is the last thing printed."""
+    config, 3 another pipeline is running on these outputs, 128 + n stopped by signal n: the
+    stage's code). The summary table is the last thing printed."""
     quiet_known_warnings()
     args = build_parser().parse_args(argv)
     try:
@@ -277,9 +370,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except PipelineConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except PipelineLockedError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_LOCKED
     print_summary(results, time.perf_counter() - start)
-    if any(r.status == "interrupted" for r in results):
-        return 130
+    stopped = [r.exit_code for r in results if r.exit_code is not None]
+    if stopped:
+        return stopped[0]
     return 1 if any(r.status == "failed" for r in results) else 0
 
 

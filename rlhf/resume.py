@@ -18,6 +18,13 @@ checkpoint. What continuing *the same run* also needs is added here:
   checkpoints (``ModelCheckpoint.dirpath``, each logger's ``<save_dir>/<name>/*/checkpoints``,
   ``<default_root_dir>/checkpoints``) and takes the newest ``last*.ckpt``. Lightning's own
   ``"last"`` looks only in the directory of the *new* run's logger version, which is empty.
+  With ``$RLHF_RESUME_NOT_BEFORE`` (a Unix time; ``rlhf.pipeline`` sets it to when the run it
+  resumes started) older checkpoints, left by earlier runs, are not taken.
+- **The same config**: a checkpoint records the run's resolved config
+  (:class:`rlhf.run_info.RunInfoCallback`); resuming with different values is refused, naming
+  the keys (:func:`rlhf.run_info.check_resume_config`).
+- **Torn log rows**: a ``metrics.csv`` row cut short by ``kill -9`` is dropped on resume, the
+  rows before it kept.
 
 The data position is the data module's part (:mod:`rlhf.data.sampling`). Multi-process runs:
 only rank 0's RNG state is saved; on resume every rank restores it.
@@ -40,10 +47,13 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
+from rlhf.outputs import STAGE_MARKER
+
 log = logging.getLogger("rlhf.resume")
 
 RUN_KEY = "rlhf_run"
 LAST_CHECKPOINT_GLOB = "last*.ckpt"
+NOT_BEFORE_ENV = "RLHF_RESUME_NOT_BEFORE"
 
 
 # -- RNG ---------------------------------------------------------------------------------------
@@ -109,9 +119,27 @@ def _keep_row(row: dict[str, str], max_step: int | None) -> bool:
         return True
 
 
+def read_csv_rows(path: Path) -> tuple[list[str], list[dict[str, str]], list[int]]:
+    """``(fields, rows, torn line numbers)`` of a ``metrics.csv``: a last line without its
+    newline (cut by a kill mid-write) and rows with more or fewer fields than the header are
+    torn and left out."""
+    text = path.read_text()
+    lines = text.splitlines(keepends=True)
+    torn = [len(lines)] if lines and not lines[-1].endswith(("\n", "\r")) else []
+    reader = csv.DictReader(lines[: len(lines) - len(torn)])
+    fields = list(reader.fieldnames or [])
+    rows = []
+    for row in reader:
+        if None in row or None in row.values():
+            torn.append(reader.line_num)
+        else:
+            rows.append(row)
+    return fields, rows, sorted(torn)
+
+
 def restore_csv_history(logger: CSVLogger, max_step: int | None) -> int:
     """Reopen ``logger``'s existing ``metrics.csv`` for appending, keeping the rows up to
-    ``max_step``; returns how many rows were kept.
+    ``max_step`` (torn rows dropped, see :func:`read_csv_rows`); returns how many were kept.
 
     (Lightning's CSV writer deletes an existing ``metrics.csv`` when it starts; this reads the
     rows first and writes them back through the new writer.)
@@ -120,10 +148,10 @@ def restore_csv_history(logger: CSVLogger, max_step: int | None) -> int:
     fields: list[str] = []
     rows: list[dict[str, str]] = []
     if path.is_file():
-        with open(path, newline="") as f:
-            reader = csv.DictReader(f)
-            fields = list(reader.fieldnames or [])
-            rows = [row for row in reader if _keep_row(row, max_step)]
+        fields, rows, torn = read_csv_rows(path)
+        rows = [row for row in rows if _keep_row(row, max_step)]
+        if torn:
+            log.warning("%s: dropped torn row(s) at line(s) %s", path, ", ".join(map(str, torn)))
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*exists and is not empty.*")
         writer = logger.experiment
@@ -175,9 +203,16 @@ def checkpoint_dirs(trainer: Trainer) -> list[Path]:
 
 
 def find_last_checkpoint(trainer: Trainer) -> Path | None:
-    """The most recently written ``last*.ckpt`` in :func:`checkpoint_dirs`, or ``None``."""
+    """The most recently written ``last*.ckpt`` in :func:`checkpoint_dirs`, or ``None``; with
+    ``$RLHF_RESUME_NOT_BEFORE`` set, only one written at or after that Unix time."""
     dirs = checkpoint_dirs(trainer)
     candidates = [p for d in dirs for p in d.glob(LAST_CHECKPOINT_GLOB) if p.is_file()]
+    not_before = os.environ.get(NOT_BEFORE_ENV)
+    if not_before:
+        older = [p for p in candidates if p.stat().st_mtime < float(not_before)]
+        for path in older:
+            log.info("not resuming from %s: written before the run to resume started", path)
+        candidates = [p for p in candidates if p not in older]
     return max(candidates, key=lambda p: p.stat().st_mtime) if candidates else None
 
 
@@ -195,7 +230,8 @@ def prepare_resume(trainer: Trainer, ckpt_path: str | None) -> str | None:
 
     Returns the checkpoint file to give ``trainer.fit``; ``None`` when there is nothing to
     resume (``"last"`` with no checkpoint yet starts a new run, as in Lightning). Other
-    Lightning keywords (``"best"``, ``"hpc"``, ...) pass through unchanged.
+    Lightning keywords (``"best"``, ``"hpc"``, ...) pass through unchanged. A checkpoint of a
+    run with a different config is refused (:func:`rlhf.run_info.check_resume_config`).
     """
     if ckpt_path is None:
         return None
@@ -212,10 +248,30 @@ def prepare_resume(trainer: Trainer, ckpt_path: str | None) -> str | None:
         if not path.is_file():
             raise FileNotFoundError(f"--ckpt_path {ckpt_path}: no such checkpoint file")
     checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    from rlhf.run_info import check_resume_config
+
+    check_resume_config(trainer, checkpoint, path)  # before anything is changed
     saved = checkpoint.get(RUN_KEY) or {}
     resume_loggers(trainer, saved.get("loggers", []), logged_step(checkpoint))
     log.info("resuming from %s", path)
     return str(path)
+
+
+def stop_finished_run(trainer: Trainer, output_dir: str | None) -> str | None:
+    """For a run resumed from its final checkpoint (nothing left to train): stop before another
+    step, and return where to save the stage output; ``None`` when a complete output written
+    after the checkpoint is there already (saving again would only lose its metrics)."""
+    trainer.should_stop = True
+    ckpt = trainer.ckpt_path
+    marker = Path(output_dir) / STAGE_MARKER if output_dir else None
+    keep = bool(
+        marker and ckpt and marker.is_file() and Path(ckpt).is_file()
+        and marker.stat().st_mtime >= Path(ckpt).stat().st_mtime
+    )
+    keep = trainer.strategy.broadcast(keep, src=0)  # every rank saves, or none
+    log.info("resumed from the run's final checkpoint %s: nothing left to train%s", ckpt,
+             f"; keeping the output saved after it, {output_dir}" if keep else "")
+    return None if keep else output_dir
 
 
 # -- the callback ---------------------------------------------------------------------------------

@@ -14,7 +14,13 @@ from rlhf.data.datamodules import DemonstrationDataModule
 from rlhf.data.sources import DataSource
 from rlhf.interrupts import CheckpointOnInterrupt
 from rlhf.models.loading import LoraSettings, ModelSettings
-from rlhf.outputs import AtomicCheckpointIO, atomic_directory, atomic_file, read_stage_marker
+from rlhf.outputs import (
+    AtomicCheckpointIO,
+    OutputDirError,
+    atomic_directory,
+    atomic_file,
+    read_stage_marker,
+)
 from rlhf.resume import RunContinuity, make_resumable
 from rlhf.sft import SFTModule
 
@@ -84,3 +90,29 @@ def test_crash_while_saving_a_stage_output_leaves_no_partial_directory(tmp_path,
         trainer.fit(module, datamodule=data)
     assert read_stage_marker(out) == {"stage": "sft", "run": "earlier"}  # untouched
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+def test_temporaries_of_killed_saves_are_removed_by_the_next_save(tmp_path):
+    """``kill -9`` mid-save leaves ``.<name>.tmp-*`` (and, between the two renames of a
+    directory, ``.<name>.old-*``) next to the target; the next save of it removes them."""
+    checkpoint, output = tmp_path / "last.ckpt", tmp_path / "out"
+    (tmp_path / ".last.ckpt.tmp-0badf00d").write_bytes(b"half a checkpoint")
+    for stale in (".out.tmp-0badf00d", ".out.old-0badf00d"):
+        (tmp_path / stale / "model").mkdir(parents=True)
+    (tmp_path / ".other.tmp-0badf00d").write_bytes(b"another target's")
+    with atomic_file(checkpoint) as tmp:
+        tmp.write_bytes(b"complete")
+    with atomic_directory(output) as tmp:
+        (tmp / "weights").write_bytes(b"complete")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".other.tmp-0badf00d", "last.ckpt", "out"]
+
+
+def test_a_directory_holding_another_stage_output_is_not_replaced(tmp_path):
+    inner = tmp_path / "outputs" / "rm"
+    inner.mkdir(parents=True)
+    rlhf.outputs.write_stage_marker(inner, {"stage": "rm"})
+    with pytest.raises(OutputDirError, match=f"holds another stage's output {inner}"), \
+            atomic_directory(tmp_path / "outputs"):
+        pass
+    assert read_stage_marker(inner) == {"stage": "rm"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["outputs"]

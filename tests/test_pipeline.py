@@ -1,20 +1,35 @@
-"""``rlhf.pipeline``: stage order, skipping complete stages, forcing, clear config errors, and
-the tiny SFT -> RM -> PPO -> evaluate -> export recipe end to end."""
+"""``rlhf.pipeline``: stage order, skipping complete stages, forcing, clear config errors, the
+tiny SFT -> RM -> PPO -> evaluate -> export recipe end to end, and a PPO stage stopped by
+SIGTERM to the pipeline that the next run resumes (``test_pipeline_reruns.py``: staleness,
+resume decisions, signals and the lock with stand-in stages)."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
+import torch
 import yaml
+from resume_runs import (
+    build_tiny_reward_model,
+    subprocess_env,
+    write_config,
+    write_prompts,
+)
+from resume_runs import checkpoints as run_checkpoints
+from resume_runs import metrics as run_metrics
+from resume_runs import ppo_config as resumable_ppo_config
+from resume_runs import samples as run_samples
+from stage_configs import ppo_config, rm_config, sft_config, tiny_data_files
 
 from rlhf.data.sources import DataSource, load_records
 from rlhf.outputs import read_stage_marker
 from rlhf.pipeline import PipelineConfigError, load_pipeline, main, run_pipeline
-from stage_configs import ppo_config, rm_config, sft_config, tiny_data_files
 
 
 def copy_stages(tmp_path, n=3):
@@ -137,10 +152,12 @@ def test_tiny_recipe_end_to_end(tmp_path, tiny_model_dir, capsys):
 
 
 def test_ctrl_c_waits_for_the_stage_and_stops(tmp_path, monkeypatch):
+    signals: list[int] = []
+
     class InterruptedStage:
         waits = 0
 
-        def __init__(self, command):
+        def __init__(self, command, **kwargs):
             self.command = command
 
         def wait(self):
@@ -149,7 +166,48 @@ def test_ctrl_c_waits_for_the_stage_and_stops(tmp_path, monkeypatch):
                 raise KeyboardInterrupt
             return -2  # the stage's own exit after saving
 
-    monkeypatch.setattr("rlhf.pipeline.subprocess.Popen", InterruptedStage)
+        def send_signal(self, signum):
+            signals.append(signum)
+
+    monkeypatch.setattr("rlhf.pipeline_state.subprocess.Popen", InterruptedStage)
     results = run_pipeline(load_pipeline(copy_stages(tmp_path)))
     assert [r.status for r in results] == ["interrupted", "not run", "not run"]
     assert InterruptedStage.waits == 2
+    assert signals == [signal.SIGTERM]  # passed on, as a first Ctrl-C
+    assert results[0].exit_code == 130
+
+
+def test_sigterm_to_the_pipeline_during_ppo_then_a_rerun_resumes_it(tmp_path, tiny_policy_dir):
+    """The issue's case: the stage saves a checkpoint and the pipeline exits 143; the re-run
+    resumes it: one CSV version, each iteration's samples once (and none of an earlier run's:
+    a new run moves its ``samples.jsonl`` aside)."""
+    iterations = 6
+    reward_model = build_tiny_reward_model(tmp_path / "rm", tiny_policy_dir)
+    prompts = write_prompts(tmp_path / "p.jsonl")
+    config = write_config(tmp_path / "ppo.yaml",
+                          resumable_ppo_config(tmp_path, tiny_policy_dir, reward_model, prompts, iterations))
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump({"stages": [{"name": "ppo", "fit": str(config)}]}))
+    samples = tmp_path / "run" / "samples.jsonl"
+    samples.parent.mkdir()
+    samples.write_text('{"iteration": 0, "prompt": "an earlier run"}\n')
+    command = [sys.executable, "-m", "rlhf.pipeline", "--config", str(path)]
+
+    process = subprocess.Popen(command, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True)
+    while not samples.is_file() or samples.read_text().count("\n") < 4:  # iteration 0 logged
+        assert process.poll() is None, process.communicate()[0][-3000:]
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    output = process.communicate(timeout=300)[0]
+    assert process.returncode == 143, output[-3000:]
+    assert "SIGTERM: saved checkpoint" in output and "ppo interrupted" in output
+    [last] = run_checkpoints(tmp_path)
+    assert 1 <= torch.load(last, weights_only=True)["ppo"]["iteration"] < iterations
+
+    rerun = subprocess.run(command, env=subprocess_env(), capture_output=True, text=True, timeout=300, check=False)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "--ckpt_path last" in rerun.stdout and f"resuming from {last}" in rerun.stderr
+    assert [row["iteration"] for row in run_metrics(tmp_path)] == [f"{i}.0" for i in range(iterations)]
+    assert [row["iteration"] for row in run_samples(tmp_path)] == [i for i in range(iterations) for _ in range(4)]
+    assert "an earlier run" in (tmp_path / "run" / "samples.previous.jsonl").read_text()

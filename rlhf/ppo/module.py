@@ -220,9 +220,17 @@ class PPOModule(StageModule):
 
     def on_train_start(self) -> None:
         super().on_train_start()
-        if self._resumed and self.trainer.is_global_zero:
-            # Samples the killed run logged after its checkpoint are made again from here.
-            drop_samples_from(Path(self.trainer.default_root_dir) / SAMPLES_FILE, self.iteration)
+        from rlhf.ppo.samples import start_samples_anew
+        from rlhf.resume import stop_finished_run
+
+        if self.trainer.is_global_zero:
+            samples = Path(self.trainer.default_root_dir) / SAMPLES_FILE
+            if self._resumed:  # the rows the killed run logged after its checkpoint come again
+                drop_samples_from(samples, self.iteration)
+            else:  # a new run never appends to an earlier run's rows
+                start_samples_anew(samples)
+        if self._resumed and self.iteration >= self.iterations:
+            self.output_dir = stop_finished_run(self.trainer, self.output_dir)
 
     def optimizer_steps_per_iteration(self) -> int:
         batch = self.trainer.datamodule.batch_size * self.samples_per_prompt
