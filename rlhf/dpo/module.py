@@ -8,7 +8,6 @@ and the reference costs one no-grad forward per step, not a second model in memo
 from __future__ import annotations
 
 import logging
-from dataclasses import replace
 from typing import Any
 
 import torch
@@ -19,7 +18,7 @@ from rlhf.dpo.batch import identical_pairs, response_mask
 from rlhf.dpo.losses import LossType, preference_loss
 from rlhf.masks import masked_sum
 from rlhf.models.forward import adapter_inputs_left_to_autocast, disable_dropout, trunk_hidden
-from rlhf.models.loading import ModelSettings, load_causal_lm
+from rlhf.models.loading import ModelSettings, save_merged_model
 from rlhf.models.logprobs import response_logprobs
 from rlhf.outputs import atomic_directory, write_stage_marker
 from rlhf.stage import StageModule
@@ -210,7 +209,6 @@ class DPOModule(StageModule):
 
     def save_outputs(self, output_dir: str) -> None:
         """``adapter/`` (LoRA + tokenizer), ``model/`` (merged + tokenizer), the stage marker."""
-        from peft import PeftModel
 
         metrics = self.logged_metrics()
         info: dict[str, Any] = {
@@ -232,12 +230,7 @@ class DPOModule(StageModule):
             if self.base.quantization:
                 log.warning("not merging the adapter into a quantized base; saved the adapter only")
             else:
-                # Merge into a fresh full-precision copy: the live base may be bf16, and the
-                # live model keeps its adapter (the reference is the base with it off).
-                fresh = load_causal_lm(replace(self.base, lora=None, gradient_checkpointing=False))
-                merged = PeftModel.from_pretrained(fresh, tmp / "adapter").merge_and_unload()
-                merged.save_pretrained(tmp / "model")
-                self.tokenizer.save_pretrained(tmp / "model")
+                save_merged_model(self.base, tmp / "adapter", self.tokenizer, tmp / "model")
                 info["model_dir"] = "model"
             self.check_saved_finite(tmp)
             write_stage_marker(tmp, info)

@@ -412,3 +412,18 @@ def apply_lora(model: PreTrainedModel | PeftModel, lora: LoraSettings, adapter_n
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     log.info("LoRA %r on %s: r=%d, %d trainable params", adapter_name, ",".join(targets), lora.r, trainable)
     return peft_model
+
+
+def save_merged_model(base: ModelSettings, adapter_dir: str | os.PathLike, tokenizer, out_dir: str | os.PathLike) -> None:  # noqa: ANN001
+    """Merge the LoRA adapter saved in ``adapter_dir`` into a fresh copy of ``base`` and save the
+    merged model and ``tokenizer`` to ``out_dir``. A fresh copy, because the live model keeps its
+    adapter (a policy's reference is its base with the adapter off) and its base may be held in
+    bf16 for training."""
+    from dataclasses import replace
+
+    from peft import PeftModel
+
+    fresh = load_causal_lm(replace(base, lora=None, gradient_checkpointing=False))
+    merged = PeftModel.from_pretrained(fresh, str(adapter_dir)).merge_and_unload()
+    merged.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)

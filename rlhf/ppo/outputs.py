@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import torch
-from peft import PeftModel
 
-from rlhf.models.loading import load_causal_lm
+from rlhf.models.loading import save_merged_model
 from rlhf.outputs import atomic_directory, write_stage_marker
 from rlhf.ppo.settings import POLICY
 
@@ -36,12 +34,7 @@ def save_ppo_outputs(module: PPOModule, output_dir: str) -> None:
         if module.value_head is not None:
             torch.save(module.value_head.state_dict(), tmp / "value_head.pt")
         if not module.base.quantization:
-            # Merge a fresh copy: the live model must keep its adapter (the reference is the
-            # base with the adapter off).
-            fresh = load_causal_lm(replace(module.base, lora=None))
-            merged = PeftModel.from_pretrained(fresh, tmp / "adapter" / POLICY).merge_and_unload()
-            merged.save_pretrained(tmp / "model")
-            module.tokenizer.save_pretrained(tmp / "model")
+            save_merged_model(module.base, tmp / "adapter" / POLICY, module.tokenizer, tmp / "model")
             info["model_dir"] = "model"
         module.check_saved_finite(tmp)
         write_stage_marker(tmp, info)

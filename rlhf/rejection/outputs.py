@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
-from peft import PeftModel
 
-from rlhf.models.loading import load_causal_lm
+from rlhf.models.loading import save_merged_model
 from rlhf.outputs import atomic_directory, write_stage_marker
 
 if TYPE_CHECKING:
@@ -38,11 +36,7 @@ def save_rejection_outputs(module: RejectionSamplingModule, output_dir: str) -> 
         module.model.save_pretrained(tmp / "adapter", selected_adapters=[ADAPTER])
         module.tokenizer.save_pretrained(tmp / "adapter")
         if not module.base.quantization:
-            # Merge a fresh copy: the live model keeps its adapter (and any shared reward adapter).
-            fresh = load_causal_lm(replace(module.base, lora=None))
-            merged = PeftModel.from_pretrained(fresh, tmp / "adapter").merge_and_unload()
-            merged.save_pretrained(tmp / "model")
-            module.tokenizer.save_pretrained(tmp / "model")
+            save_merged_model(module.base, tmp / "adapter", module.tokenizer, tmp / "model")
             info["model_dir"] = "model"
         module.check_saved_finite(tmp)
         write_stage_marker(tmp, info)
