@@ -121,6 +121,17 @@ class StageModule(L.LightningModule):
         trainer = self._trainer
         return None if trainer is None else str(trainer.precision)
 
+    def on_fit_start(self) -> None:
+        # A ``trainer.validate`` before ``fit`` (validate_before_fit) resets torchmetrics states
+        # under inference mode, leaving inference tensors that the fit loop's validation (run
+        # under no_grad) cannot update in place; fresh states fix that.
+        from torchmetrics import Metric
+
+        with torch.inference_mode(False):
+            for module in self.modules():
+                if isinstance(module, Metric):
+                    module.reset()
+
     def setup(self, stage: str) -> None:
         """Checks that need the data module, before the model is loaded."""
         if stage in ("fit", "validate"):

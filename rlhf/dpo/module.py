@@ -11,7 +11,7 @@ import logging
 from typing import Any
 
 import torch
-from torchmetrics import MeanMetric, Metric, SumMetric
+from torchmetrics import MeanMetric, SumMetric
 
 from rlhf.distributed import shard_model
 from rlhf.dpo.batch import identical_pairs, response_mask
@@ -177,16 +177,6 @@ class DPOModule(StageModule):
         return loss
 
     # -- validation ----------------------------------------------------------------------------
-    def _metrics(self) -> list[Metric]:
-        return [m for m in self.modules() if isinstance(m, Metric)]
-
-    def on_fit_start(self) -> None:
-        # A validate before fit (validate_before_fit) resets metric states under inference
-        # mode, which the fit loop's validation cannot update in place; start fresh.
-        with torch.inference_mode(False):
-            for metric in self._metrics():
-                metric.reset()
-
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         _, stats, pairs, skipped = self.pair_loss(batch)
         self._note_skipped(skipped, "validation")

@@ -8,7 +8,7 @@ import math
 from typing import Any
 
 import torch
-from torchmetrics import CatMetric, MeanMetric, Metric
+from torchmetrics import CatMetric, MeanMetric
 
 from rlhf.distributed import shard_model
 from rlhf.guards import NonFiniteError
@@ -119,17 +119,6 @@ class RewardModule(StageModule):
         if self.center_coef:
             self.log("train/center_loss", stats["center_loss"], batch_size=scores.shape[0])
         return loss
-
-    def _metrics(self) -> list[Metric]:
-        return [m for m in self.children() if isinstance(m, Metric)]
-
-    def on_fit_start(self) -> None:
-        # A ``trainer.validate`` before ``fit`` (validate_before_fit) resets the metrics under
-        # inference mode, leaving inference-tensor states that the fit loop's validation (run
-        # under no_grad) cannot update in place; fresh states fix that.
-        with torch.inference_mode(False):
-            for metric in self._metrics():
-                metric.reset()
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         scores, chosen, rejected, loss, _ = self._pairs(batch)
