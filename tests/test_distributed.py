@@ -159,11 +159,13 @@ def assert_probes_close(got: dict, expected: dict, tol: float) -> None:
         assert torch.allclose(a, b, atol=tol, rtol=0), (key, float((a - b).abs().max()))
 
 
-def ppo_run_config(root, policy, reward_model, prompts, probe: str):
-    """Three PPO iterations of 2 optimizer steps, a checkpoint after each iteration."""
-    return write_config(root / f"{probe}.yaml", ppo_config(
-        root, policy, reward_model, prompts, batch_size=ROWS // 2, iterations=3, probe=probe,
-        checkpoint_every=2))
+def ppo_run_config(root, policy, reward_model, prompts, probe: str, stop_at: int | None = None):
+    """Three PPO iterations of 2 optimizer steps, a checkpoint after each iteration; with
+    ``stop_at``, the run stops cleanly after that optimizer step (the config otherwise the same,
+    so a resume of it is a resume of the same run)."""
+    config = ppo_config(root, policy, reward_model, prompts, batch_size=ROWS // 2, iterations=3, probe=probe,
+                        checkpoint_every=2)
+    return write_config(root / f"{probe}.yaml", stop_after(config, stop_at) if stop_at else config)
 
 
 def read_probe(root, name: str) -> dict:
@@ -201,8 +203,8 @@ def test_ppo_on_two_processes_equals_unsharded_outputs(tmp_path, tiny_policy_dir
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["fsdp2", "ddp"])
 def test_ppo_on_two_processes_resumes(tmp_path, tiny_policy_dir, data, reward_model, strategy):
-    first = run_fit(ppo_run_config(tmp_path, tiny_policy_dir, reward_model, data["prompts"], "first"),
-                    "--trainer.max_steps", "4", strategy=strategy)  # two of three iterations
+    first = run_fit(ppo_run_config(tmp_path, tiny_policy_dir, reward_model, data["prompts"], "first", stop_at=4),
+                    strategy=strategy)  # two of three iterations
     assert first.returncode == 0, first.stderr[-4000:]
     stopped = read_probe(tmp_path, "first-train_end")
     assert stopped["iteration"] == 2
