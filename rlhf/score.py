@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from rlhf.data.collate import pad_sequences
-from rlhf.data.datamodules import deterministic_split, group_preferences
+from rlhf.data.datamodules import split_preference_prompts
 from rlhf.data.records import Comparison, PromptLike, Ranking, as_conversation
 from rlhf.data.sources import DataSource, load_records
 from rlhf.data.tokenization import PromptFormatter, truncate_pair
@@ -144,10 +144,7 @@ def select_comparisons(
         records.extend((str(path), r) for r in result.records)
     keep = None
     if split != "all":
-        groups = group_preferences([r for _, r in records])
-        train_idx, val_idx = deterministic_split(len(groups), val_fraction, split_seed)
-        chosen_groups = {groups[i].prompt for i in (val_idx if split == "val" else train_idx)}
-        keep = chosen_groups
+        keep = set(split_preference_prompts([r for _, r in records], split, val_fraction, split_seed))
     out: list[ScoredPair] = []
     for index, (source, record) in enumerate(records):
         if keep is not None and record.prompt not in keep:

@@ -63,6 +63,17 @@ def deterministic_split(n: int, val_fraction: float, seed: int) -> tuple[list[in
     return sorted(order[n_val:]), sorted(order[:n_val])
 
 
+def split_preference_prompts(
+    records: list[Comparison | Ranking], split: str, val_fraction: float, seed: int
+) -> list[Conversation]:
+    """The prompts of the ``split`` (``train`` or ``val``) prompt groups that a
+    :class:`ComparisonDataModule` over ``records`` (in file order) with ``val_fraction`` and
+    split ``seed`` trains or validates on."""
+    groups = group_preferences(records)
+    train, val = deterministic_split(len(groups), val_fraction, seed)
+    return [groups[i].prompt for i in (val if split == "val" else train)]
+
+
 class RLHFDataModule(L.LightningDataModule):
     """Shared base: sources -> records -> units -> token ids -> padded batches.
 

@@ -21,7 +21,7 @@ import json
 import sys
 from collections.abc import Sequence
 
-from rlhf.data.datamodules import deterministic_split, group_preferences
+from rlhf.data.datamodules import split_preference_prompts
 from rlhf.data.datasource import DataSource
 from rlhf.data.records import Conversation
 from rlhf.data.sources import load_records
@@ -36,9 +36,7 @@ def heldout_prompts(
     records = []
     for path in paths:
         records += load_records(DataSource(str(path), schema=schema), "preference", on_bad_row="skip").records
-    groups = group_preferences(records)
-    train, val = deterministic_split(len(groups), val_fraction, split_seed)
-    return [groups[i].prompt for i in (val if split == "val" else train)]
+    return split_preference_prompts(records, split, val_fraction, split_seed)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
