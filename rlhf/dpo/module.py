@@ -17,9 +17,9 @@ from rlhf.distributed import shard_model
 from rlhf.dpo.batch import identical_pairs, response_mask
 from rlhf.dpo.losses import LossType, preference_loss
 from rlhf.masks import masked_sum
-from rlhf.models.forward import adapter_inputs_left_to_autocast, disable_dropout, trunk_hidden
+from rlhf.models.forward import adapter_inputs_left_to_autocast, disable_dropout
 from rlhf.models.loading import ModelSettings, save_merged_model
-from rlhf.models.logprobs import response_logprobs
+from rlhf.models.logprobs import sequence_logprobs
 from rlhf.outputs import atomic_directory, write_stage_marker
 from rlhf.stage import StageModule
 
@@ -115,8 +115,7 @@ class DPOModule(StageModule):
             return torch.zeros(input_ids.shape[0], device=input_ids.device)
         start = max(1, int(columns[0]))
         with adapter_inputs_left_to_autocast(self.model, self.device.type):
-            hidden = trunk_hidden(self.model, input_ids, attention_mask)
-            logp, _ = response_logprobs(self.model, hidden, start, input_ids[:, start:], 1.0)
+            logp, _ = sequence_logprobs(self.model, input_ids, attention_mask, start, 1.0)
         return masked_sum(logp, mask[:, start:], dim=1)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

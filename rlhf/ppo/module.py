@@ -33,7 +33,7 @@ from rlhf.guards import NonFiniteGuard
 from rlhf.models.forward import adapter_inputs_left_to_autocast, disable_dropout, trunk_hidden
 from rlhf.masks import masked_sum
 from rlhf.models.loading import ModelSettings, apply_lora
-from rlhf.models.logprobs import response_logprobs
+from rlhf.models.logprobs import response_logprobs, sequence_logprobs
 from rlhf.ppo.advantages import GROUPED, Estimator, compute_advantages
 from rlhf.ppo.kl import AdaptiveKLController, FixedKLController, masked_kl, update_from_sequences
 from rlhf.ppo.metrics import gold_scores, rollout_metrics, update_metrics
@@ -290,8 +290,7 @@ class PPOModule(StageModule):
     def reference_logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, start: int) -> torch.Tensor:
         """Log-probs ``[B, R]`` of the frozen base: the same weights with the adapters off."""
         with self.model.disable_adapter():
-            hidden = trunk_hidden(self.model, input_ids, attention_mask)
-            logp, _ = response_logprobs(self.model, hidden, start, input_ids[:, start:], self.sampling.temperature)
+            logp, _ = sequence_logprobs(self.model, input_ids, attention_mask, start, self.sampling.temperature)
         return logp
 
     # -- rollout -------------------------------------------------------------------------------

@@ -42,10 +42,9 @@ from rlhf.masks import masked_sum
 from rlhf.models.forward import (
     adapter_inputs_left_to_autocast,
     disable_dropout,
-    trunk_hidden,
 )
 from rlhf.models.loading import ModelSettings
-from rlhf.models.logprobs import response_logprobs
+from rlhf.models.logprobs import sequence_logprobs
 from rlhf.rejection.outputs import ADAPTER, save_rejection_outputs
 from rlhf.rejection.samples import Samples, round_metrics
 from rlhf.rejection.selection import (
@@ -236,8 +235,7 @@ class RejectionSamplingModule(StageModule):
     @torch.no_grad()
     def response_logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, start: int) -> torch.Tensor:
         """Log-probs ``[B, R]`` of the responses under the current policy (sampling temperature)."""
-        hidden = trunk_hidden(self.model, input_ids, attention_mask)
-        return response_logprobs(self.model, hidden, start, input_ids[:, start:], self.sampling.temperature)[0]
+        return sequence_logprobs(self.model, input_ids, attention_mask, start, self.sampling.temperature)[0]
 
     @torch.no_grad()
     def sample_chunk(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> Samples:
@@ -283,8 +281,7 @@ class RejectionSamplingModule(StageModule):
     def response_nll(self, s: Samples) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed NLL of the response tokens of ``s`` (temperature 1) and their count."""
         s = s.trimmed()
-        hidden = trunk_hidden(self.model, s.input_ids, s.attention_mask)
-        logp, _ = response_logprobs(self.model, hidden, s.response_start, s.input_ids[:, s.response_start :], 1.0)
+        logp, _ = sequence_logprobs(self.model, s.input_ids, s.attention_mask, s.response_start, 1.0)
         return -masked_sum(logp, s.response_mask), s.response_mask.sum()
 
     def minibatch_step(self, kept: Samples, index: torch.Tensor) -> float | None:
