@@ -22,8 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
-import statistics
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -32,6 +30,7 @@ from typing import Any
 
 import torch
 
+from rlhf.comparisons import SampleRow, head_to_head, policy_summary
 from rlhf.console import quiet_known_warnings
 from rlhf.data.datamodules import PromptDataModule
 from rlhf.data.records import conversation_text
@@ -54,103 +53,6 @@ from rlhf.policies import (
 )
 
 log = logging.getLogger("rlhf.evaluate")
-
-
-# ---------------------------------------------------------------------------------- numbers
-@dataclass
-class SampleRow:
-    """One sampled response: prompt ``prompt_id``, sample ``sample`` of policy ``policy``."""
-
-    policy: str
-    prompt_id: int
-    sample: int
-    prompt: str
-    response: str
-    reward: float
-    kl: float
-    length: int
-    eos: bool
-
-
-def mean_and_se(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and standard error of the mean (0 for fewer than 2 values)."""
-    values = list(values)
-    if not values:
-        return float("nan"), float("nan")
-    mean = statistics.fmean(values)
-    se = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else 0.0
-    return mean, se
-
-
-def _per_prompt(rows: Sequence[SampleRow], attr: str) -> dict[int, float]:
-    """The mean of ``attr`` over each prompt's samples (the unit errors are computed over)."""
-    groups: dict[int, list[float]] = {}
-    for row in rows:
-        groups.setdefault(row.prompt_id, []).append(float(getattr(row, attr)))
-    return {p: statistics.fmean(v) for p, v in groups.items()}
-
-
-def policy_summary(rows: Sequence[SampleRow]) -> dict[str, float]:
-    """Reward, KL, length and EOS rate of one policy's rows, with standard errors over prompts."""
-    reward, reward_se = mean_and_se(list(_per_prompt(rows, "reward").values()))
-    kl, kl_se = mean_and_se(list(_per_prompt(rows, "kl").values()))
-    length, length_se = mean_and_se(list(_per_prompt(rows, "length").values()))
-    return {
-        "reward_mean": reward,
-        "reward_se": reward_se,
-        "kl_mean": kl,
-        "kl_se": kl_se,
-        "length_mean": length,
-        "length_se": length_se,
-        "eos_rate": statistics.fmean(float(r.eos) for r in rows) if rows else float("nan"),
-        "prompts": len({r.prompt_id for r in rows}),
-        "samples": len(rows),
-    }
-
-
-def _paired_stats(pairs: Sequence[tuple[SampleRow, SampleRow]]) -> tuple[float, float, float, float, int, int]:
-    """Win rate (ties half) and score difference of ``(baseline, challenger)`` pairs, as means
-    over prompts with standard errors over prompts; then the pair and prompt counts."""
-    wins: dict[int, list[float]] = {}
-    diffs: dict[int, list[float]] = {}
-    for other, row in pairs:
-        win = 1.0 if row.reward > other.reward else 0.5 if row.reward == other.reward else 0.0
-        wins.setdefault(row.prompt_id, []).append(win)
-        diffs.setdefault(row.prompt_id, []).append(row.reward - other.reward)
-    win, win_se = mean_and_se([statistics.fmean(v) for v in wins.values()])
-    diff, diff_se = mean_and_se([statistics.fmean(v) for v in diffs.values()])
-    return win, win_se, diff, diff_se, len(pairs), len(wins)
-
-
-def head_to_head(baseline: Sequence[SampleRow], challenger: Sequence[SampleRow]) -> dict[str, float]:
-    """Win rate of ``challenger`` over ``baseline`` under the RM, and the paired score difference.
-
-    Sample ``i`` of a prompt is compared with sample ``i`` of the other policy for the same
-    prompt; a tie counts half. Means are over prompts (each prompt's mean over its samples),
-    standard errors over prompts. The ``same_ending_*`` keys repeat both over the pairs whose
-    two replies end alike (both with EOS, or both cut at the token limit): a gain that is only
-    "stops later" (a common reward-model bias) vanishes there.
-    """
-    base = {(r.prompt_id, r.sample): r for r in baseline}
-    pairs = [(base[(r.prompt_id, r.sample)], r) for r in challenger if (r.prompt_id, r.sample) in base]
-    if not pairs:
-        raise ValueError("the two policies share no (prompt, sample) to compare")
-    win, win_se, diff, diff_se, n, prompts = _paired_stats(pairs)
-    same = [(a, b) for a, b in pairs if a.eos == b.eos]
-    s_win, s_win_se, s_diff, s_diff_se, s_n, _ = _paired_stats(same)
-    return {
-        "win_rate": win,
-        "win_rate_se": win_se,
-        "reward_diff": diff,
-        "reward_diff_se": diff_se,
-        "pairs": n,
-        "prompts": prompts,
-        "same_ending_win_rate": s_win,
-        "same_ending_win_rate_se": s_win_se,
-        "same_ending_reward_diff": s_diff,
-        "same_ending_reward_diff_se": s_diff_se,
-        "same_ending_pairs": s_n,
-    }
 
 
 @dataclass
@@ -209,6 +111,12 @@ class Report:
                     f"| {c['policy']} vs {c['baseline']} | {c['win_rate']:.3f} ± {c['win_rate_se']:.3f} | "
                     f"{c['reward_diff']:+.4f} ± {c['reward_diff_se']:.4f} | {c['pairs']} |"
                 )
+                if "lc_win_rate" in c:
+                    lines.append(
+                        f"| ... length-controlled (logistic fit read at equal length; 95% CI "
+                        f"{c['lc_win_rate_ci95_low']:.3f}-{c['lc_win_rate_ci95_high']:.3f}) | "
+                        f"{c['lc_win_rate']:.3f} ± {c['lc_win_rate_se']:.3f} | | {c['pairs']} |"
+                    )
                 if c.get("same_ending_pairs"):
                     lines.append(
                         f"| ... pairs whose replies end alike (both EOS or both cut) | "

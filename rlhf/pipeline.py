@@ -219,6 +219,10 @@ def stage_summary(stage: Stage) -> dict[str, str]:
     }
     for c in data.get("comparisons", []):
         summary[f"{c['policy']} win rate vs {c['baseline']}"] = f"{c['win_rate']:.3f} ± {c['win_rate_se']:.3f}"
+        if "lc_win_rate" in c:
+            summary[f"{c['policy']} length-controlled win rate"] = (
+                f"{c['lc_win_rate']:.3f} (95% CI {c['lc_win_rate_ci95_low']:.3f}-{c['lc_win_rate_ci95_high']:.3f})"
+            )
         if c.get("same_ending_pairs"):
             summary[f"{c['policy']} win rate, replies ending alike"] = (
                 f"{c['same_ending_win_rate']:.3f} ± {c['same_ending_win_rate_se']:.3f} "

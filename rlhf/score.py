@@ -6,7 +6,9 @@
 
 ``--split val`` keeps exactly the prompt groups :class:`~rlhf.data.ComparisonDataModule` held
 out with the same files (in the same order), ``val_fraction`` and ``split_seed``: the accuracy
-on comparisons the reward model never trained on. Prompts are formatted and truncated (or,
+on comparisons the reward model never trained on. Beside it, the accuracy of "the longer reply
+wins" on the same pairs (replies as written, and as truncated for the RM): an RM is only as good
+as its margin over that rule. Prompts are formatted and truncated (or,
 for an RM trained with ``long_prompts: drop``, over-long ones skipped) as in training: the
 settings saved in ``reward_model.json`` unless given here.
 """
@@ -30,6 +32,7 @@ from rlhf.data.datamodules import split_preference_prompts
 from rlhf.data.records import Comparison, PromptLike, Ranking, as_conversation
 from rlhf.data.sources import DataSource, load_records
 from rlhf.data.tokenization import PromptFormatter, truncate_pair
+from rlhf.length_bias import length_rule_accuracy
 
 log = logging.getLogger("rlhf.score")
 
@@ -110,6 +113,25 @@ def score_texts(
         if bar is not None:
             bar.close()
     return scores
+
+
+def response_lengths(
+    formatter: PromptFormatter,
+    prompts: Sequence[PromptLike],
+    responses: Sequence[str],
+    max_length: int,
+    max_prompt_length: int,
+) -> tuple[list[int], list[int]]:
+    """Token lengths ``[n]`` of each response as written and as scored (after the truncation
+    :func:`score_texts` applies), for the "longer reply wins" rule."""
+    written, scored = [], []
+    for prompt, response in zip(prompts, responses):
+        conversation = as_conversation(prompt)
+        prompt_ids = formatter.prompt_ids(conversation)
+        response_ids = formatter.response_ids(conversation, response)
+        written.append(len(response_ids))
+        scored.append(len(truncate_pair(prompt_ids, response_ids, max_length, max_prompt_length).response_ids))
+    return written, scored
 
 
 @dataclass
@@ -233,6 +255,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
                          max_prompt_length, progress=not args.no_progress)
     chosen, rejected = scores[: len(pairs)], scores[len(pairs) :]
     summary = accuracy_summary(chosen, rejected)
+    written, scored = response_lengths(formatter, prompts, responses, max_length, max_prompt_length)
+    n = len(pairs)
+    summary.update(length_rule_accuracy(written[:n], written[n:]))
+    summary.update({f"scored_{k}": v for k, v in length_rule_accuracy(scored[:n], scored[n:]).items()})
     summary["split"] = args.split
 
     if args.out:
@@ -250,6 +276,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         f"(95% CI {summary['accuracy_ci95_low']:.4f}-{summary['accuracy_ci95_high']:.4f}, "
         f"±{1.96 * summary['accuracy_se']:.4f}), mean margin {summary['mean_margin']:.4f}, "
         f"n={summary['n']} ({args.split})"
+    )
+    print(
+        f'"the longer reply wins" on the same pairs: {summary["length_rule_accuracy"]:.4f} '
+        f'(±{1.96 * summary["length_rule_accuracy_se"]:.4f}; replies as written), '
+        f'{summary["scored_length_rule_accuracy"]:.4f} (as the RM saw them, truncated to --max-length)'
     )
     print(json.dumps(summary))
     return summary

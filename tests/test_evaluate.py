@@ -7,7 +7,8 @@ import math
 
 import pytest
 
-from rlhf.evaluate import Report, SampleRow, head_to_head, mean_and_se, policy_summary, write_report
+from rlhf.comparisons import SampleRow, head_to_head, mean_and_se, policy_summary
+from rlhf.evaluate import Report, write_report
 
 
 def row(policy, prompt_id, sample, reward, kl=0.0, length=4, eos=True):

@@ -137,12 +137,15 @@ def test_tiny_recipe_end_to_end(tmp_path, tiny_model_dir, capsys):
     assert main(["--config", str(path)]) == 0
     out = capsys.readouterr().out
     assert "pipeline summary" in out and "ppo win rate vs sft" in out
+    assert "ppo length-controlled win rate" in out
     ppo = read_stage_marker(tmp_path / "out/ppo")
     assert "gold/mean" in ppo["metrics"] and "val/gold/mean" in ppo["metrics_before_fit"]
     report = json.loads((tmp_path / "out/eval/report.json").read_text())
     assert report["policies"]["sft"]["kl_mean"] == 0.0  # the reference itself
     assert report["policies"]["ppo"]["samples"] == 2 * report["settings"]["prompts"]
     assert 0.0 <= report["comparisons"][0]["win_rate"] <= 1.0
+    lc = report["comparisons"][0]
+    assert 0.0 <= lc["lc_win_rate_ci95_low"] <= lc["lc_win_rate_ci95_high"] <= 1.0
     rankings = load_records(DataSource(path=str(tmp_path / "out/round2.jsonl")), "preference").records
     assert rankings and all(r.ranks is not None and len(r.ranks) == len(r.completions) for r in rankings)
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from rlhf.data.datamodules import ComparisonDataModule
+from rlhf.data.records import as_conversation
 from rlhf.data.sources import DataSource
 from rlhf.models.loading import LoraSettings, ModelSettings, apply_lora, load_causal_lm, load_tokenizer
 from rlhf.outputs import read_stage_marker
@@ -322,6 +323,17 @@ def test_score_cli_reproduces_validation_split(trained_rm, tmp_path):
     assert math.isclose(summary["mean_margin"],
                         sum(r["chosen_score"] - r["rejected_score"] for r in rows) / len(rows),
                         rel_tol=1e-5)
+    # Beside the accuracy: "the longer reply wins" on the same pairs, here "apple" vs "stone".
+    rows_by_index = {r["index"]: _synthetic_rows()[r["index"]] for r in rows}
+    fmt = data.formatter
+    longer = [
+        (lambda c, r: 1.0 if c > r else 0.5 if c == r else 0.0)(
+            len(fmt.response_ids(as_conversation(x["prompt"]), x["chosen"])),
+            len(fmt.response_ids(as_conversation(x["prompt"]), x["rejected"])))
+        for x in rows_by_index.values()
+    ]
+    assert summary["length_rule_accuracy"] == pytest.approx(sum(longer) / len(longer))
+    assert summary["scored_length_rule_accuracy"] == pytest.approx(summary["length_rule_accuracy"])  # nothing cut
     # Whole file, limited.
     summary = main(["--model", str(out), "--data", str(path), "--schema", "fields", "--limit", "5",
                     "--no-progress"])
@@ -336,3 +348,15 @@ def test_score_cli_reproduces_validation_split(trained_rm, tmp_path):
                     "0.2", "--split-seed", "3", "--split", "val", "--long-prompts", "drop",
                     "--max-prompt-length", str(cut), "--no-progress"])
     assert summary["n"] == kept
+
+
+def test_response_lengths_as_written_and_as_scored(tiny_model_dir):
+    from rlhf.data.tokenization import PromptFormatter
+    from rlhf.score import response_lengths
+
+    fmt = PromptFormatter(load_tokenizer(str(tiny_model_dir)))
+    prompts, responses = ["Hi?", "Hello there?"], ["A short one.", "A much longer reply " * 6]
+    written, scored = response_lengths(fmt, prompts, responses, max_length=24, max_prompt_length=16)
+    assert written == [len(fmt.response_ids(as_conversation(p), r)) for p, r in zip(prompts, responses)]
+    prompt_len = len(fmt.prompt_ids(as_conversation(prompts[1])))
+    assert scored[0] == written[0] and written[1] > 24 - prompt_len == scored[1]
