@@ -49,6 +49,18 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
 
+def device_memory() -> dict[str, Any]:
+    """This process's peak CUDA memory (``torch.cuda.max_memory_allocated`` and
+    ``max_memory_reserved``, bytes) and the device's name when it used CUDA, else ``{}``.
+    Imports nothing: an import-only worker stays import-only."""
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return {}
+    return {"cuda_device": torch.cuda.get_device_name(0),
+            "cuda_max_memory_allocated_bytes": torch.cuda.max_memory_allocated(),
+            "cuda_max_memory_reserved_bytes": torch.cuda.max_memory_reserved()}
+
+
 def import_baseline(modules: Iterable[str]) -> dict[str, int]:
     """Import ``modules`` and nothing else: the peak RSS of a worker that only imports."""
     for name in modules:
@@ -349,24 +361,6 @@ def markdown_table(columns: Sequence[Column], rows: Iterable[dict[str, Any]]) ->
              "| " + " | ".join("---" if c.left else "---:" for c in columns) + " |"]
     lines += ["| " + " | ".join(c.cell(row) for c in columns) + " |" for row in rows]
     return "\n".join(lines)
-
-
-def side_by_side_rows(runs: Iterable[dict[str, Any]], sides: Sequence[str] = ("ours", "trl"),
-                      ratios_key: str = "ratios_ours_over_trl") -> list[dict[str, Any]]:
-    """One flat row per run and side (in ``sides`` order, where the run has it): the run's
-    labels, ``trainer``, the side's numbers and, on the first side's row, the run's ratios as
-    ``ratio_<name>``."""
-    rows = []
-    for run in runs:
-        labels = {key: value for key, value in run.items() if key not in sides and not isinstance(value, dict)}
-        for side in sides:
-            if side not in run:
-                continue
-            row = {**labels, "trainer": side, **run[side]}
-            if side == sides[0]:
-                row.update({f"ratio_{name}": value for name, value in run.get(ratios_key, {}).items()})
-            rows.append(row)
-    return rows
 
 
 if __name__ == "__main__":

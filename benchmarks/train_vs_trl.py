@@ -1,6 +1,6 @@
 """SFT and reward-model training throughput, ours vs TRL's ``SFTTrainer`` / ``RewardTrainer``.
 
-    python -m benchmarks.train_vs_trl            # size small, batch 8, 64 + 64 tokens
+    python -m benchmarks.train_vs_trl            # size small, batch 8, 64 + 64 tokens, 3 repeats
     python -m benchmarks.train_vs_trl --quick
 
 Both sides train a LoRA (same rank and targets) on the same random base (the PPO
@@ -9,7 +9,10 @@ benchmark's assets), on the same pre-tokenised rows: SFT rows are a prompt and a
 (Bradley-Terry loss). Every row has exactly ``--prompt-length + --completion-length``
 tokens, so there is no padding and tokens/s is ``rows x tokens / step seconds`` (median
 after warm-up, one optimizer step per batch, fp32, no gradient checkpointing). Each run is
-its own subprocess (peak RSS, as in :mod:`benchmarks.ppo_vs_trl`).
+its own subprocess (peak RSS, as in :mod:`benchmarks.ppo_vs_trl`). Each stage runs each trainer
+``--repeats`` times, interleaved (ours first on even repeats, TRL first on odd ones); the table
+shows the median and min-max over repeats, the ratios paired by repeat, and the runs started
+or run on a busy machine (:mod:`benchmarks.conditions`).
 """
 
 from __future__ import annotations
@@ -24,9 +27,11 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.assets import SIZES, build_assets, load_benchmark_tokenizer, prompt_rows
+from benchmarks.conditions import add_busy_arguments, busy_policy_from, run_measured
 from benchmarks.harness import (MIB, RESULTS_DIR, BenchmarkRun, Column, StepTimes, WorkerSpec,
-                                add_common_arguments, after_warmup, footer, peak_rss_bytes, ratios, run_worker,
-                                side_by_side_rows, text_table, work_directory, write_json)
+                                add_common_arguments, after_warmup, footer, peak_rss_bytes, text_table,
+                                work_directory, write_json)
+from benchmarks.repeats import format_spread, interleaved_order, paired_ratios, spread
 
 RESULTS = RESULTS_DIR / "train_vs_trl.json"
 
@@ -79,7 +84,8 @@ def _ours(spec: TrainSpec, rows: list[dict[str, list[int]]]) -> tuple[list[float
         module = RewardModule(base, lr=spec.lr)
 
         def collate(items: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
-            ids = torch.tensor([r["prompt"] + r["chosen"] for r in items] + [r["prompt"] + r["rejected"] for r in items])
+            ids = torch.tensor([r["prompt"] + r["chosen"] for r in items]
+                               + [r["prompt"] + r["rejected"] for r in items])
             n = len(items)
             return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "chosen_index": torch.arange(n),
                     "rejected_index": torch.arange(n, 2 * n), "margin": torch.zeros(n)}
@@ -159,16 +165,57 @@ def measure_training(spec: TrainSpec) -> dict[str, Any]:
 
 
 # -- orchestration ----------------------------------------------------------------------------
+TRAINERS = ("ours", "trl")
 COLUMNS = [
     Column("stage", "stage", left=True), Column("trainer", "trainer", left=True),
-    Column("s/step", "step_seconds_median", ".2f", 7), Column("tokens/s", "tokens_per_s", ".0f", 9),
-    Column("peak MiB", "peak_rss_mib", ".0f", 9), Column("ratio tok/s", "ratio_tokens_per_s", ".2f", 13),
-    Column("peak", "ratio_peak_rss", ".2f", 5),
+    Column("s/step", "seconds"), Column("tokens/s", "tokens_per_s"), Column("peak MiB", "peak"),
+    Column("ours / TRL tokens/s", "ratio_tokens_per_s"), Column("ours / TRL peak", "ratio_peak"),
+    Column("busy runs", "busy"),
 ]
 
 
+def summarize_stage(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """A stage's repeats (run rows with ``trainer`` and ``repeat``): per trainer the median and
+    range of seconds per step, tokens/s and peak RSS, busy runs; ours / TRL ratios paired by
+    repeat."""
+    summary: dict[str, Any] = {}
+    for trainer in TRAINERS:
+        own = sorted((r for r in runs if r["trainer"] == trainer), key=lambda r: r["repeat"])
+        if own:
+            summary[trainer] = {key: spread([r[key] for r in own])
+                                for key in ("step_seconds_median", "tokens_per_s", "peak_rss_mib")}
+            summary[trainer].update(repeats=len(own), busy_runs=sum(r["busy"] for r in own),
+                                    trainable_params=own[0]["trainable_params"])
+    if len(summary) == len(TRAINERS):
+        pairs = {r["repeat"]: r for r in runs if r["trainer"] == "trl"}
+        ours = [r for r in runs if r["trainer"] == "ours" and r["repeat"] in pairs]
+        summary["ratios_ours_over_trl"] = {
+            name: spread(paired_ratios([r[key] for r in ours], [pairs[r["repeat"]][key] for r in ours]))
+            for name, key in (("tokens_per_s", "tokens_per_s"), ("peak_rss", "peak_rss_mib"))}
+    return summary
+
+
+def table_rows(stages: list[dict[str, Any]]) -> list[dict[str, str]]:
+    """One row per stage and trainer: ``median [min-max]`` over repeats, ratios on ours' row."""
+    rows = []
+    for stage in stages:
+        ratio = stage.get("ratios_ours_over_trl", {})
+        for trainer in TRAINERS:
+            t = stage.get(trainer)
+            if t is None:
+                continue
+            rows.append({"stage": stage["stage"], "trainer": trainer,
+                         "seconds": format_spread(t["step_seconds_median"]),
+                         "tokens_per_s": format_spread(t["tokens_per_s"], ".0f"),
+                         "peak": format_spread(t["peak_rss_mib"], ".0f"),
+                         "ratio_tokens_per_s": format_spread(ratio.get("tokens_per_s")) if trainer == "ours" else "",
+                         "ratio_peak": format_spread(ratio.get("peak_rss")) if trainer == "ours" else "",
+                         "busy": f"{t['busy_runs']}/{t['repeats']}" if t["busy_runs"] else ""})
+    return rows
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Size, stages, batch shape, steps and where the results go (``--quick``: a smoke run)."""
+    """Size, stages, batch shape, steps, repeats and where the results go (``--quick``: a smoke run)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", default="small", choices=sorted(SIZES))
     parser.add_argument("--stages", default="sft,rm")
@@ -177,52 +224,64 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--completion-length", type=int, default=64)
     parser.add_argument("--steps", type=int, default=5, help="timed optimizer steps (after warm-up)")
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="runs per trainer and stage, ours first on even repeats (default 3; --quick 1)")
+    add_busy_arguments(parser)
     add_common_arguments(parser, RESULTS)
-    parser.add_argument("--quick", action="store_true", help="batch 4, 32 + 32 tokens, 1 + 2 steps")
+    parser.add_argument("--quick", action="store_true", help="batch 4, 32 + 32 tokens, 1 + 2 steps, 1 repeat")
     args = parser.parse_args(argv)
     if args.quick:
         args.batch_size, args.prompt_length, args.completion_length, args.warmup, args.steps = 4, 32, 32, 1, 2
+    if args.repeats is None:
+        args.repeats = 1 if args.quick else 3
+    try:
+        args.busy_policy = busy_policy_from(args)
+    except ValueError as error:
+        parser.error(str(error))
     return args
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Run SFT and RM for both trainers, print tokens/s and peak RSS, write the JSON."""
+    """Run SFT and RM for both trainers, interleaved repeats; print tokens/s and peak RSS, write the JSON."""
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     session = BenchmarkRun("train_vs_trl", argv)
     count = args.batch_size * (args.warmup + args.steps)
     tokens_per_row = args.prompt_length + args.completion_length
-    runs = []
+    stages = []
     with work_directory(args.work_dir, "train-bench-") as work:
         assets = build_assets(work / args.size, SIZES[args.size], args.tokenizer, 1, 8)
         rows_file = work / f"rows-{args.prompt_length}-{args.completion_length}.json"
         write_rows(rows_file, load_benchmark_tokenizer(assets["base"]), count, args.prompt_length,
                    args.completion_length)
         for stage in [s.strip() for s in args.stages.split(",") if s.strip()]:
-            row: dict[str, Any] = {"stage": stage}
-            for trainer in ("ours", "trl"):
-                print(f"[bench] {stage}: {trainer} ...", flush=True)
-                spec = TrainSpec(stage=stage, trainer=trainer, base=assets["base"], rows=str(rows_file),
-                                 batch_size=args.batch_size, warmup=args.warmup, steps=args.steps,
-                                 threads=args.threads)
-                result = run_worker(measure_training, spec, work, f"{stage}-{trainer}")
-                seconds = after_warmup(result["step_seconds"], args.warmup)
-                step = statistics.median(seconds)
-                tokens = args.batch_size * tokens_per_row * (2 if stage == "rm" else 1)
-                row[trainer] = {"step_seconds_median": step, "step_seconds": seconds, "tokens_per_s": tokens / step,
-                                "peak_rss_mib": result["peak_rss_bytes"] / MIB,
-                                "trainable_params": result["trainable_params"]}
-            row["ratios_ours_over_trl"] = ratios(row["ours"], row["trl"],
-                                                 {"tokens_per_s": "tokens_per_s", "peak_rss": "peak_rss_mib"})
-            runs.append(row)
+            runs = []
+            for repeat in range(args.repeats):
+                for trainer in interleaved_order(TRAINERS, repeat):
+                    print(f"[bench] {stage} repeat {repeat + 1}/{args.repeats}: {trainer} ...", flush=True)
+                    spec = TrainSpec(stage=stage, trainer=trainer, base=assets["base"], rows=str(rows_file),
+                                     batch_size=args.batch_size, warmup=args.warmup, steps=args.steps,
+                                     threads=args.threads)
+                    result = run_measured(measure_training, spec, work, f"{stage}-{trainer}-r{repeat}",
+                                          args.busy_policy)
+                    seconds = after_warmup(result["step_seconds"], args.warmup)
+                    step = statistics.median(seconds)
+                    tokens = args.batch_size * tokens_per_row * (2 if stage == "rm" else 1)
+                    runs.append({"trainer": trainer, "repeat": repeat, "step_seconds_median": step,
+                                 "step_seconds": seconds, "tokens_per_s": tokens / step,
+                                 "peak_rss_mib": result["peak_rss_bytes"] / MIB,
+                                 "trainable_params": result["trainable_params"],
+                                 "busy": result["conditions"]["busy"], "conditions": result["conditions"]})
+            stages.append({"stage": stage, **summarize_stage(runs), "runs": runs})
     report = session.report(
         {"size": args.size, "shape": asdict(SIZES[args.size]), "batch_size": args.batch_size,
          "prompt_length": args.prompt_length, "completion_length": args.completion_length,
-         "warmup": args.warmup, "steps": args.steps, "lora_r": 8, "dtype": "float32"},
-        runs=runs,
+         "warmup": args.warmup, "steps": args.steps, "lora_r": 8, "dtype": "float32", "repeats": args.repeats,
+         "order": "ours first on even repeats, TRL first on odd ones", "busy_policy": asdict(args.busy_policy)},
+        runs=stages,
     )
     write_json(args.out, report)
-    print(text_table(COLUMNS, side_by_side_rows(runs)))
+    print(text_table(COLUMNS, table_rows(stages)))
     print("\n" + footer(report, args.out))
 
 

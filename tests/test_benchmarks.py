@@ -1,34 +1,27 @@
-"""The benchmark harness (worker subprocesses, ratios, tables) and the PPO-vs-TRL benchmark: its
-summary arithmetic, and one tiny side-by-side run."""
+"""The benchmark harness (worker subprocesses, ratios, tables), repeats and their order, the
+machine's conditions (busy runs), the probes the workers record with, and the GPU check's CPU
+refusal and part runner. PPO-vs-TRL summaries, grids and end-to-end runs: test_benchmark_runs.py."""
 
 import json
-import math
 import os
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
+from torch import nn
 
-from benchmarks.harness import (
-    Column,
-    WorkerSpec,
-    after_warmup,
-    markdown_table,
-    peak_rss_bytes,
-    ratios,
-    run_worker,
-    side_by_side_rows,
-    text_table,
-)
-from benchmarks.ppo_vs_trl import (
-    OUR_PHASES,
-    RESULTS,
-    TRL_PHASES,
-    parse_args,
-    summarize,
-)
+import benchmarks.conditions as conditions
+from benchmarks.conditions import BusyPolicy, cpu_busy_seconds, is_busy, other_cores, run_measured
+from benchmarks.gpu_check import REFUSED_EXIT, Part, run_parts
+from benchmarks.harness import (Column, WorkerSpec, after_warmup, markdown_table, peak_rss_bytes, ratios,
+                                run_worker, text_table)
+from benchmarks.ppo_vs_trl import parse_args, results_path
+from benchmarks.probes import ActivationDtypes, OptimizerSteps, response_token_counts, trained_tokens
+from benchmarks.repeats import format_spread, interleaved_order, paired_ratios, spread
 from benchmarks.workers import RunSpec, measure
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -71,11 +64,8 @@ def test_ratios_rename_and_leave_out_missing_or_zero_denominators():
     assert ratios(top, bottom, {"a_ratio": "a"}) == {"a_ratio": 0.5}
 
 
-def test_tables_put_the_ratios_on_the_first_trainers_row():
-    runs = [{"size": "s", "shape": {"hidden": 1}, "ours": {"t": 1.234}, "trl": {"t": 2.0},
-             "ratios_ours_over_trl": {"t": 0.617}}]
-    rows = side_by_side_rows(runs)
-    assert [(r["size"], r["trainer"], r.get("ratio_t")) for r in rows] == [("s", "ours", 0.617), ("s", "trl", None)]
+def test_tables_align_labels_left_and_numbers_right():
+    rows = [{"size": "s", "trainer": "ours", "t": 1.234, "ratio_t": 0.617}, {"size": "s", "trainer": "trl", "t": 2.0}]
     columns = [Column("size", "size", left=True), Column("trainer", "trainer", left=True),
                Column("s", "t", ".2f", 6), Column("ratio", "ratio_t", ".2f")]
     assert text_table(columns, rows).splitlines() == [
@@ -83,28 +73,6 @@ def test_tables_put_the_ratios_on_the_first_trainers_row():
     assert markdown_table(columns, rows).splitlines() == [
         "| size | trainer | s | ratio |", "| --- | --- | ---: | ---: |", "| s | ours | 1.23 | 0.62 |",
         "| s | trl | 2.00 |  |"]
-
-
-def test_summary_takes_medians_after_warmup_and_fills_the_remainders():
-    result = {
-        "trainer": "ours",
-        "spec": {"batch_size": 2},
-        "iteration_seconds": [9.0, 2.0, 4.0, 3.0],
-        "response_tokens": [8.0, 8.0, 8.0, 9.0],
-        "phases": [{}] + [
-            {"generation": 1.0, "policy_value": 0.1, "reference": 0.1, "reward": 0.1, "rollout": 1.5,
-             "update": t - 1.6} for t in (2.0, 4.0, 3.0)
-        ],
-        "peak_rss_bytes": 300 * 2**20,
-        "trainable_params": 10,
-    }
-    s = summarize(result, warmup=1, baseline_rss=100 * 2**20, phases=OUR_PHASES)
-    assert s["iteration_seconds_median"] == 3.0
-    assert s["generated_tokens_per_s"] == pytest.approx(3.0)  # median of 8/2, 8/4, 9/3
-    assert s["rss_above_baseline_mib"] == pytest.approx(200)
-    assert s["mean_response_tokens"] == pytest.approx(25 / 3 / 2)
-    assert s["phase_seconds_median"]["rollout_other"] == pytest.approx(0.2)
-    assert s["phase_seconds_median"]["other"] == pytest.approx(0.1)
 
 
 def test_source_commit_names_head_and_marks_uncommitted_changes(tmp_path, monkeypatch):
@@ -134,13 +102,13 @@ def test_source_commit_names_head_and_marks_uncommitted_changes(tmp_path, monkey
     assert bench.source_commit() is None
 
 
+
+
 def test_malloc_mmap_threshold_names_the_results_and_reaches_the_workers(tmp_path, monkeypatch):
     monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
-    args = parse_args(["--malloc-mmap-threshold", "4194304"])
-    assert Path(args.out) == RESULTS.with_name("ppo_vs_trl_mmap4194304.json")
-    assert Path(parse_args(["--precision", "bf16", "--malloc-mmap-threshold", "262144"]).out).name == (
-        "ppo_vs_trl_bf16_mmap262144.json")
-    assert Path(parse_args([]).out) == RESULTS
+    assert results_path("main", "32", 4194304).name == "ppo_vs_trl_mmap4194304.json"
+    assert results_path("scaling", "bf16", 262144).name == "ppo_vs_trl_scaling_bf16_mmap262144.json"
+    assert results_path("main", "32") == REPO_ROOT / "benchmarks" / "results" / "ppo_vs_trl.json"
     for bad in ("0", str(64 * 2**20)):
         with pytest.raises(SystemExit):
             parse_args(["--malloc-mmap-threshold", bad])
@@ -148,39 +116,171 @@ def test_malloc_mmap_threshold_names_the_results_and_reaches_the_workers(tmp_pat
     seen = run_worker(measure, RunSpec(trainer="baseline-ours"), tmp_path, "baseline",
                       extra_env={"MALLOC_MMAP_THRESHOLD_": "4194304"})
     assert seen["malloc_mmap_threshold_env"] == "4194304"
-    assert run_worker(measure, RunSpec(trainer="baseline-ours"), tmp_path, "default")["malloc_mmap_threshold_env"] is None
+    default = run_worker(measure, RunSpec(trainer="baseline-ours"), tmp_path, "default")
+    assert default["malloc_mmap_threshold_env"] is None
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("precision", ["32", "bf16"])
-def test_tiny_side_by_side_run_writes_sane_results(tmp_path, tiny_model_dir, precision):
-    pytest.importorskip("trl", reason="the TRL side needs the bench extra: pip install -e '.[bench]'")
-    out = tmp_path / "result.json"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
-    command = [sys.executable, "-m", "benchmarks.ppo_vs_trl", "--sizes", "tiny", "--response-lengths", "4",
-               "--batch-size", "2", "--prompt-length", "8", "--ppo-epochs", "1", "--warmup", "1",
-               "--iterations", "2", "--threads", "1", "--tokenizer", str(tiny_model_dir),
-               "--work-dir", str(tmp_path / "work"), "--out", str(out), "--precision", precision]
-    proc = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "ours" in proc.stdout and "trl" in proc.stdout
+# -- repeats ----------------------------------------------------------------------------------
+def test_interleaved_order_swaps_every_pair_from_one_repeat_to_the_next():
+    trainers = ["ours-adapter", "ours-shared", "trl"]
+    orders = [interleaved_order(trainers, r) for r in range(4)]
+    assert orders[0] == orders[2] == trainers and orders[1] == orders[3] == trainers[::-1]
+    for a in trainers:
+        for b in trainers:
+            if a != b:  # who runs first alternates for every pair
+                firsts = [o.index(a) < o.index(b) for o in orders]
+                assert firsts == [firsts[0], not firsts[0]] * 2
+    with pytest.raises(ValueError):
+        interleaved_order(trainers, -1)
 
-    report = json.loads(out.read_text())
-    assert report["machine"]["torch"] and report["machine"]["cpu_count"] >= 1
-    assert set(report["import_baseline_rss_mib"]) == {"ours", "trl"}
-    assert report["settings"]["precision"] == precision
-    (run,) = report["runs"]
-    assert run["size"] == "tiny" and run["response_length"] == 4
-    for trainer, phases in (("ours", OUR_PHASES), ("trl", TRL_PHASES)):
-        r = run[trainer]
-        assert len(r["iteration_seconds"]) == 2
-        for key in ("iteration_seconds_median", "generated_tokens_per_s", "peak_rss_mib",
-                    "import_baseline_rss_mib", "trainable_params"):
-            assert math.isfinite(r[key]) and r[key] > 0, (trainer, key, r[key])
-        assert r["peak_rss_mib"] > r["import_baseline_rss_mib"] * 0.5
-        assert set(r["phase_seconds_median"]) == set(phases)
-        assert r["phase_seconds_median"]["generation"] > 0
-        assert r["frozen_dtype"] == {"32": "torch.float32", "bf16": "torch.bfloat16"}[precision], trainer
-        assert 0 < r["mean_response_tokens"] <= 4
-    for key, value in run["ratios_ours_over_trl"].items():
-        assert math.isfinite(value) and value > 0, key
+
+def test_spread_and_paired_ratios():
+    assert spread([3.0, 1.0, 2.0]) == {"median": 2.0, "min": 1.0, "max": 3.0, "n": 3}
+    with pytest.raises(ValueError):
+        spread([])
+    # Paired by repeat: 1/2, 4/2, 3/1 (not the ratio of the medians).
+    assert paired_ratios([1.0, 4.0, 3.0], [2.0, 2.0, 1.0]) == [0.5, 2.0, 3.0]
+    assert paired_ratios([1.0, None, 3.0], [2.0, 2.0, 0.0]) == [0.5]
+    with pytest.raises(ValueError, match="unpaired"):
+        paired_ratios([1.0], [1.0, 2.0])
+    assert format_spread({"median": 1.234, "min": 1.0, "max": 2.0}) == "1.23 [1.00-2.00]"
+    assert format_spread({"median": 5.0, "min": 5.0, "max": 5.0}, ".0f") == "5"
+    assert format_spread(None) == ""
+
+
+# -- conditions --------------------------------------------------------------------------------
+STAT = """cpu  900 0 90 9000 10 0 0 0 0 0
+cpu0 100 0 10 1000 5 0 0 0 0 0
+cpu1 800 0 80 8000 5 0 0 0 0 0
+intr 12345
+"""
+
+
+def test_cpu_busy_seconds_sums_the_non_idle_ticks_of_the_usable_cpus():
+    hz = os.sysconf("SC_CLK_TCK")
+    assert cpu_busy_seconds(STAT) == pytest.approx((110 + 880) / hz)  # idle and iowait left out
+    assert cpu_busy_seconds(STAT, cpus={1}) == pytest.approx(880 / hz)
+
+
+def test_busy_means_others_used_the_cpus_before_or_during_a_run():
+    assert other_cores(busy_seconds=30.0, own_seconds=20.0, wall_seconds=10.0) == pytest.approx(1.0)
+    assert other_cores(busy_seconds=19.0, own_seconds=20.0, wall_seconds=10.0) == 0.0
+    with pytest.raises(ValueError):
+        other_cores(1.0, 0.0, 0.0)
+    assert not is_busy(0.1, 0.2, threshold=0.25)
+    assert is_busy(0.3, 0.0, threshold=0.25) and is_busy(0.0, 0.3, threshold=0.25)
+    # Without CPU counters: the 1-minute load average against half the cores.
+    assert is_busy(None, None, 0.25, load=[1.5, 1.0, 1.0], cores=2)
+    assert not is_busy(None, None, 0.25, load=[0.5, 1.0, 1.0], cores=2)
+    with pytest.raises(ValueError):
+        BusyPolicy(retries=-1)
+
+
+def test_run_measured_reruns_a_busy_run_and_records_every_attempt(tmp_path, monkeypatch):
+    before = iter([1.5, 0.0, 0.0])  # others' cores before each attempt: busy, then quiet
+    monkeypatch.setattr(conditions, "sample_other_cores", lambda seconds: next(before))
+    monkeypatch.setattr(conditions.CpuWatch, "other_cores", lambda self: 0.0)
+    calls = []
+    monkeypatch.setattr(conditions, "run_worker", lambda *a, **k: calls.append(1) or {"value": len(calls)})
+    policy = BusyPolicy(sample_seconds=0.0, retries=2, wait_seconds=0.0)
+    result = run_measured(echo, EchoSpec(), tmp_path, "x", policy)
+    assert result["value"] == 2 and len(calls) == 2
+    c = result["conditions"]
+    assert c["busy"] is False and c["attempts"] == 2 and c["other_cores_before"] == 0.0
+    assert [a["busy"] for a in c["earlier_attempts"]] == [True]
+    assert c["load_average_before"] is None or len(c["load_average_before"]) == 3
+    # Out of retries: the run is kept, marked busy.
+    monkeypatch.setattr(conditions.CpuWatch, "other_cores", lambda self: 1.0)
+    result = run_measured(echo, EchoSpec(), tmp_path, "x", BusyPolicy(sample_seconds=0.0, retries=0))
+    assert result["conditions"]["busy"] is True and result["conditions"]["attempts"] == 1
+
+
+# -- probes ------------------------------------------------------------------------------------
+def test_response_token_counts_stop_at_the_first_pad():
+    responses = torch.tensor([[5, 6, 7, 8], [5, 0, 7, 0], [0, 0, 0, 0]])
+    assert response_token_counts(responses, pad_token_id=0) == [4, 1, 0]
+    with pytest.raises(ValueError, match="batch, length"):
+        response_token_counts(torch.tensor([1, 2]), 0)
+
+
+def test_trained_tokens_are_the_response_tokens_of_every_optimizer_step():
+    assert trained_tokens(256, optimizer_steps=4) == 1024  # minibatch = batch: one step per epoch
+    assert trained_tokens(256, optimizer_steps=8, minibatches_per_epoch=2) == 1024
+    with pytest.raises(ValueError):
+        trained_tokens(256, 4, minibatches_per_epoch=0)
+
+
+def test_optimizer_steps_count_every_step_once():
+    counter = OptimizerSteps()
+    try:
+        weight = nn.Parameter(torch.ones(2))
+        optimizer = torch.optim.AdamW([weight], lr=0.1)
+        for _ in range(3):
+            weight.sum().backward()
+            optimizer.step()
+        assert counter.take() == 3 and counter.take() == 0
+    finally:
+        counter.remove()
+
+
+class _Block(nn.Module):
+    """One ``mlp.down_proj`` layer, as a decoder layer names it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mlp = nn.Module()
+        self.mlp.down_proj = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp.down_proj(x)
+
+
+def test_activation_dtypes_see_autocast_and_grad_mode():
+    model, dtypes = _Block(), ActivationDtypes()
+    assert dtypes.watch("policy", model) == "mlp.down_proj"
+    x = torch.ones(2, 4)
+    with torch.no_grad():
+        model(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(x)
+    assert dtypes.record() == {"policy": {"no_grad": ["torch.float32"], "grad": ["torch.bfloat16 autocast"]}}
+    dtypes.remove()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        model(x)  # unhooked: not recorded
+    assert dtypes.record()["policy"]["no_grad"] == ["torch.float32"]
+    with pytest.raises(ValueError, match="no module named"):
+        ActivationDtypes().watch("value", nn.Linear(2, 2))
+
+
+# -- the GPU check -----------------------------------------------------------------------------
+def test_gpu_check_refuses_a_machine_without_cuda(tmp_path):
+    out = tmp_path / "gpu.json"
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", "--out", str(out)], cwd=REPO_ROOT,
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == REFUSED_EXIT, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "needs a CUDA GPU" in proc.stderr and "Nothing was run" in proc.stderr
+    assert not out.exists()
+
+
+def test_gpu_check_parts_fail_time_out_or_are_skipped_alone_and_the_json_keeps_the_rest(tmp_path):
+    def ok(context, timeout):
+        return {"timeout_given": timeout}
+
+    def broken(context, timeout):
+        raise RuntimeError("worker failed")
+
+    def slow(context, timeout):
+        raise subprocess.TimeoutExpired("worker", timeout)
+
+    out = tmp_path / "gpu.json"
+    report = {"parts": {}}
+    run_parts([Part("a", 100, ok), Part("b", 100, broken), Part("c", 100, slow)], {}, time.monotonic() + 50,
+              report, out)
+    saved = json.loads(out.read_text())
+    assert [saved["parts"][n]["status"] for n in "abc"] == ["ok", "failed", "timeout"]
+    assert saved["parts"]["a"]["result"]["timeout_given"] <= 50  # never past the deadline
+    assert "worker failed" in saved["parts"]["b"]["error"] and saved["complete"] is True
+    report = {"parts": {}}
+    run_parts([Part("d", 100, ok)], {}, time.monotonic() + 5, report, out)  # under min_seconds left
+    assert json.loads(out.read_text())["parts"]["d"]["status"] == "skipped"
