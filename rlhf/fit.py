@@ -16,6 +16,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from rlhf.console import quiet_known_warnings, use_compact_model_summary
 from rlhf.interrupts import interrupt_exit_code
+from rlhf.launch import guard_launch
 from rlhf.resume import make_resumable, prepare_resume
 from rlhf.run_info import RunInfoCallback
 
@@ -65,6 +66,8 @@ def main(args: list[str] | None = None) -> RLHFCLI:
         auto_configure_optimizers=False,
         parser_kwargs={"description": __doc__.split("\n\n")[0]},
     )
+    # Multi-process launches: the config must match the launcher, the rendezvous is bounded.
+    guard_launch(cli.trainer)
     # Checkpoints carry RNG and logger identity, SIGTERM/Ctrl-C save one, files are atomic;
     # "last" is found and the loggers continue the checkpoint's run (rlhf.resume).
     make_resumable(cli.trainer)

@@ -31,7 +31,7 @@ from rlhf.data.records import (
     Ranking,
     conversation_text,
 )
-from rlhf.data.sampling import ResumableRandomSampler, ResumedDataLoader
+from rlhf.data.sampling import ResumableRandomSampler, ResumedDataLoader, even_distributed_sampler
 from rlhf.data.sources import load_records
 from rlhf.data.tokenization import PromptFormatter, truncate_pair
 
@@ -102,6 +102,9 @@ class RLHFDataModule(L.LightningDataModule):
     record_kind: ClassVar[str]
     #: Pads a list of encoded units into a batch; built as ``collator_class(pad_id, multiple_of)``.
     collator_class: ClassVar[type]
+    #: Multi-process runs: disjoint equal shares of each epoch (:func:`even_distributed_sampler`)
+    #: instead of Lightning's sampler, which pads an uneven epoch with repeats.
+    distinct_shares: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -286,8 +289,12 @@ class RLHFDataModule(L.LightningDataModule):
         """Shuffled each epoch as with ``shuffle=True``, by a :class:`ResumableRandomSampler`
         whose epoch seed and position travel in checkpoints (:meth:`state_dict`), so a resumed
         run continues the epoch where it stopped. Multi-process runs keep Lightning's
-        ``DistributedSampler`` (a mid-epoch resume there restarts the epoch)."""
+        ``DistributedSampler`` (a mid-epoch resume there restarts the epoch), or with
+        :attr:`distinct_shares` take :func:`even_distributed_sampler`."""
         if self.trainer is not None and self.trainer.world_size > 1:
+            if self.distinct_shares:
+                sampler = even_distributed_sampler(self.train_dataset, self.trainer.world_size, self.trainer.global_rank)
+                return self._loader(self.train_dataset, self.batch_size, sampler=sampler)
             return self._loader(self.train_dataset, self.batch_size, shuffle=True)
         sampler = ResumableRandomSampler(len(self.train_dataset))
         loader, extra = DataLoader, {}
@@ -427,10 +434,12 @@ class ComparisonDataModule(RLHFDataModule):
 
 
 class PromptDataModule(RLHFDataModule):
-    """Prompts for PPO rollouts, left-padded for generation (see :class:`PromptCollator`)."""
+    """Prompts for PPO rollouts, left-padded for generation (see :class:`PromptCollator`). In a
+    multi-process run the processes sample disjoint prompts: none twice in an epoch."""
 
     record_kind = "prompt"
     collator_class = PromptCollator
+    distinct_shares = True
 
     def encode_unit(self, unit: PromptRecord, prompt_ids: list[int], index: int) -> dict[str, Any]:
         return {"prompt_ids": prompt_ids[-self.max_prompt_length :], "index": index}

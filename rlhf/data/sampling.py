@@ -7,15 +7,19 @@ epoch and shortens it). :class:`ResumableRandomSampler` draws and shuffles exact
 ``RandomSampler`` does (so fresh runs are unchanged) but remembers the epoch's seed, which the
 data module saves in checkpoints with the number of batches done; on resume the sampler
 replays that epoch's order from there, without drawing.
+
+Multi-process runs: :func:`even_distributed_sampler` gives each process a disjoint, equal share
+of every epoch (for prompts: no prompt twice in one global step).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import os
+from collections.abc import Iterator, Sized
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 
 def shuffled(size: int, seed: int) -> list[int]:
@@ -70,3 +74,23 @@ class ResumedDataLoader(DataLoader):
         iterator = super().__iter__()
         self.generator = None
         return iterator
+
+
+def even_distributed_sampler(dataset: Sized, num_replicas: int, rank: int) -> DistributedSampler:
+    """Process ``rank``'s share of each training epoch over ``dataset``: the epoch's shuffled
+    order, the same on every process (seeded, as Lightning's own sampler is, with
+    ``seed_everything``'s seed ``$PL_GLOBAL_SEED`` plus the epoch, which Lightning sets each
+    epoch), cut into ``num_replicas`` disjoint parts of ``len(dataset) // num_replicas`` items.
+
+    The ``len(dataset) % num_replicas`` items left over sit out that epoch (a different few each
+    epoch). Lightning's default sampler pads the epoch with repeats instead, so an item can come
+    twice in one epoch, and twice in one global step when the data set is smaller than one
+    global batch.
+    """
+    if len(dataset) < num_replicas:
+        raise ValueError(
+            f"{len(dataset)} training items cannot give each of the {num_replicas} processes one: "
+            "add data or run fewer processes"
+        )
+    seed = int(os.environ.get("PL_GLOBAL_SEED", "0"))
+    return DistributedSampler(dataset, num_replicas, rank, shuffle=True, seed=seed, drop_last=True)

@@ -63,6 +63,7 @@ def sample_responses(
     eos_id: int,
     pad_id: int,
     sampler: InverseCDFSampler | None = None,
+    generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Sample responses ``[batch, R]`` to left-padded prompts ``[batch, P]`` (KV cache on, stop
     at EOS; finished rows padded).
@@ -74,10 +75,11 @@ def sample_responses(
     fields from the model's generation config and global defaults, which would make the
     sampling distribution differ from the one log-probs are computed under. A sharded model
     (FSDP) steps in lockstep on every rank until all ranks are done (``synced_gpus``). The
-    head's input is made contiguous (:func:`contiguous_head_input`).
+    head's input is made contiguous (:func:`contiguous_head_input`). The default sampler draws
+    from ``generator`` (``None``: the global RNG; see :mod:`rlhf.generation.seeds`).
     """
     if sampler is None:
-        sampler = InverseCDFSampler(sampling.temperature, sampling.top_k, sampling.top_p)
+        sampler = InverseCDFSampler(sampling.temperature, sampling.top_k, sampling.top_p, generator)
     config = GenerationConfig(
         do_sample=False,
         num_beams=1,
@@ -127,12 +129,14 @@ def sample_and_record(
     sampling: SamplingSettings,
     eos_id: int,
     pad_id: int,
+    generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, GenerationRecord]:
     """:func:`sample_responses`, also keeping each step's log-prob, entropy and head input
     (:class:`GenerationRecord`): a rollout can take its old log-probs and shared-critic values
     from generation instead of a second policy pass over the sequences. With the KV cache the
-    numbers are those of the full forward pass up to float rounding."""
-    sampler = InverseCDFSampler(sampling.temperature, sampling.top_k, sampling.top_p, record=True)
+    numbers are those of the full forward pass up to float rounding. Draws from ``generator``
+    (``None``: the global RNG)."""
+    sampler = InverseCDFSampler(sampling.temperature, sampling.top_k, sampling.top_p, generator, record=True)
     hidden: list[torch.Tensor] = []
 
     def keep_head_input(module: nn.Module, args: tuple) -> None:

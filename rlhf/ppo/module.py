@@ -29,6 +29,7 @@ from torch import nn
 
 from rlhf.distributed import shard_model
 from rlhf.generation import SamplingSettings, Scorer, assemble_sequences, sample_and_record, sample_responses
+from rlhf.generation.seeds import process_generator
 from rlhf.guards import NonFiniteGuard
 from rlhf.models.forward import adapter_inputs_left_to_autocast, disable_dropout, trunk_hidden
 from rlhf.masks import masked_sum
@@ -128,6 +129,7 @@ class PPOModule(StageModule):
         self.scorer: Scorer | None = None
         self.score_mean, self.score_std = 0.0, 1.0
         self.iteration = 0
+        self.sampling_seed: int | None = None  # this process's seed of the last rollout
         self.nonfinite = NonFiniteGuard(self.update_settings.max_nonfinite_steps)
         self._resumed = False
 
@@ -310,10 +312,14 @@ class PPOModule(StageModule):
         prompt_mask = batch["attention_mask"].repeat_interleave(k, dim=0)
         eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
         from_generation = self.old_logprobs_from_generation()
+        generator = process_generator(self.device, self.global_rank)  # this process's own draws
+        self.sampling_seed = generator.initial_seed()
         if from_generation:
-            responses, record = sample_and_record(self.model, prompt_ids, prompt_mask, self.sampling, eos, pad)
+            responses, record = sample_and_record(self.model, prompt_ids, prompt_mask, self.sampling, eos, pad,
+                                                  generator)
         else:
-            responses = sample_responses(self.model, prompt_ids, prompt_mask, self.sampling, eos, pad)
+            responses = sample_responses(self.model, prompt_ids, prompt_mask, self.sampling, eos, pad,
+                                         generator=generator)
         input_ids, attention_mask, response_mask, has_eos = assemble_sequences(
             prompt_ids, prompt_mask, responses, eos, pad
         )
