@@ -150,6 +150,15 @@ def test_configs_without_lora_or_a_reward_are_refused(tmp_path, tiny_policy_dir)
         fit(module, prompts(tmp_path), tmp_path)
 
 
+def test_a_multi_process_run_is_refused(tiny_policy_dir):
+    from types import SimpleNamespace
+
+    module = make_module(tiny_policy_dir)
+    module._trainer = SimpleNamespace(world_size=2)
+    with pytest.raises(ValueError, match="one process \\(this run has 2\\)"):
+        module.setup("fit")
+
+
 def test_a_gold_function_scores_the_decoded_responses(tiny_policy_dir):
     pytest.importorskip("vaderSentiment")
     from rlhf.gold import vader_positivity

@@ -18,7 +18,8 @@ is logged and counted (``rejection/skipped_rounds``). A round's ``reward/*``, ``
 ``response/*`` describe its samples, i.e. the policy before that round's update; scores are raw
 (the RM's own units, also for fixed ReST thresholds). Checkpoints carry the round counter and
 the ReST threshold; the LR schedule steps once per round (``warmup_steps`` counts rounds).
-Single-process: under DDP the ranks' kept counts, hence their optimizer steps, could differ.
+Single-process (a multi-process run is refused in ``setup``): under DDP the ranks' kept counts,
+hence their optimizer steps, could differ.
 """
 
 from __future__ import annotations
@@ -173,6 +174,13 @@ class RejectionSamplingModule(StageModule):
         shard_model(self, self.model.get_base_model(), self.model)
 
     def setup(self, stage: str) -> None:
+        if self._trainer is not None and self._trainer.world_size > 1:
+            raise ValueError(
+                f"rejection sampling runs on one process (this run has {self._trainer.world_size}): the "
+                "processes would keep different numbers of samples, take different numbers of optimizer "
+                "steps and wait on each other until the collective timeout; set trainer.devices: 1 and "
+                "trainer.num_nodes: 1"
+            )
         super().setup(stage)
         if stage not in ("fit", "validate") or self.scorer is not None:
             return
