@@ -4,7 +4,7 @@ FSDP1 under ``FSDPStrategy``, nothing under DDP or one device.
 FSDP2 layout (:func:`shard_model`, called at the end of each stage's ``configure_model``)::
 
     fully_shard(layer) for every decoder layer   # LoRA weights shard with their layer
-    fully_shard(head)  for every extra head      # heads called outside the root (PPO value head)
+    fully_shard(head)  for every extra head      # called outside the root (PPO value head, hydra branch)
     fully_shard(root)                            # embeddings, final norm, (tied) LM head, ...
 
 The root's forward all-gathers its parameters (the embedding matrix, the final norm, the LM

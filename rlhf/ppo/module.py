@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import nn
@@ -33,9 +33,11 @@ from rlhf.generation.seeds import process_generator
 from rlhf.guards import NonFiniteGuard
 from rlhf.models.forward import adapter_inputs_left_to_autocast, disable_dropout, trunk_hidden
 from rlhf.masks import masked_sum
-from rlhf.models.loading import ModelSettings, apply_lora
+from rlhf.models.loading import ModelSettings, apply_lora, load_causal_lm
 from rlhf.models.logprobs import response_logprobs, sequence_logprobs
+from rlhf.models.value_branch import ValueBranch
 from rlhf.ppo.advantages import GROUPED, Estimator, compute_advantages
+from rlhf.ppo.critics import Critic, branch_inputs, check_critic
 from rlhf.ppo.kl import AdaptiveKLController, FixedKLController, masked_kl, update_from_sequences
 from rlhf.ppo.metrics import gold_scores, rollout_metrics, update_metrics
 from rlhf.ppo.outputs import save_ppo_outputs
@@ -65,9 +67,14 @@ class PPOModule(StageModule):
             ``samples_per_prompt >= 2``) or ``reinforce`` (critic-free, batch-mean baseline).
         samples_per_prompt: responses sampled per prompt.
         critic: ``shared``: a value head reading the policy trunk's features (detached, so
-            the value loss cannot disturb the policy; one trunk pass serves both), or
+            the value loss cannot disturb the policy; one trunk pass serves both);
             ``adapter``: a value head on its own LoRA adapter on the same base (a stronger
-            critic, one more trunk pass per forward).
+            critic, one more trunk pass per forward); ``hydra``: a value head on a trained
+            copy of the top ``critic_layers`` layers, fed the policy trunk's detached hidden
+            states below them (:mod:`rlhf.ppo.critics`).
+        critic_layers: ``hydra`` only: the layers ``k`` the value branch copies and trains
+            (``1 <= k < L``); its cost is ``k`` layers per forward and backward, its memory
+            ``k / L`` of the base's layers plus their optimizer state.
         iterations: PPO iterations to run (the LR anneals to 0 over them).
         sample_every: log a prompt/response/reward table every this many iterations.
         gold: a gold reward function (:data:`rlhf.gold.GOLD_FUNCTIONS`, e.g. ``vader``) to
@@ -84,7 +91,8 @@ class PPOModule(StageModule):
         update: UpdateSettings | None = None,
         estimator: Estimator = "gae",
         samples_per_prompt: int = 1,
-        critic: Literal["shared", "adapter"] = "shared",
+        critic: Critic = "shared",
+        critic_layers: int = 2,
         iterations: int = 100,
         sample_every: int = 10,
         gold: str | None = None,
@@ -103,6 +111,7 @@ class PPOModule(StageModule):
             raise ValueError(f"iterations must be >= 1 (got {iterations})")
         if samples_per_prompt < 1:
             raise ValueError(f"samples_per_prompt must be >= 1 (got {samples_per_prompt})")
+        check_critic(critic, critic_layers, base)
         self.save_hyperparameters()
         self.automatic_optimization = False
         self.reward_settings = reward
@@ -112,6 +121,7 @@ class PPOModule(StageModule):
         self.estimator = estimator
         self.samples_per_prompt = samples_per_prompt
         self.critic = critic
+        self.critic_layers = critic_layers
         self.iterations = iterations
         self.sample_every = sample_every
         self.gold = gold
@@ -126,6 +136,7 @@ class PPOModule(StageModule):
         )
         self.model: nn.Module | None = None
         self.value_head: nn.Linear | None = None
+        self.value_branch: ValueBranch | None = None
         self.scorer: Scorer | None = None
         self.score_mean, self.score_std = 0.0, 1.0
         self.iteration = 0
@@ -141,7 +152,12 @@ class PPOModule(StageModule):
     def configure_model(self) -> None:
         if self.model is not None:
             return
-        model = self.load_base_model(adapter_name=POLICY)
+        lm = load_causal_lm(self.base, self.run_precision())
+        # The hydra branch copies the base's top layers before the policy LoRA wraps them.
+        branch = None
+        if self.uses_critic and self.critic == "hydra":
+            branch = ValueBranch.from_top_layers(lm, self.critic_layers, self.base.name_or_path)
+        model = apply_lora(lm, self.base.lora, adapter_name=POLICY)
         if self.uses_critic and self.critic == "adapter":
             model = apply_lora(model, self.base.lora, adapter_name=VALUE)
             model.set_adapter(POLICY)
@@ -152,11 +168,14 @@ class PPOModule(StageModule):
             self.value_head = nn.Linear(hidden, 1)
             nn.init.zeros_(self.value_head.weight)
             nn.init.zeros_(self.value_head.bias)
+        if branch is not None:  # trained in the dtype of the other trained weights (the head's)
+            self.value_branch = branch.to(self.value_head.weight.dtype)
+            disable_dropout(self.value_branch)
         if self.scorer is None:
             self.scorer = self.build_scorer()
             disable_dropout(self.model)  # a shared reward adapter was just added
         # FSDP only; after the scorer, so a shared reward adapter is sharded with its layers.
-        heads = [self.value_head] if self.value_head is not None else []
+        heads = [h for h in (self.value_head, self.value_branch) if h is not None]
         shard_model(self, model.get_base_model(), model, heads)
 
     def setup(self, stage: str) -> None:
@@ -196,8 +215,9 @@ class PPOModule(StageModule):
 
     @staticmethod
     def _is_trained(name: str) -> bool:
-        """Policy and value adapter weights and the value head (not a shared reward adapter)."""
-        return f".{POLICY}." in name or f".{VALUE}." in name or name.startswith("value_head.")
+        """Policy and value adapter weights, the value head and a hydra value branch (not a
+        shared reward adapter)."""
+        return f".{POLICY}." in name or f".{VALUE}." in name or name.startswith(("value_head.", "value_branch."))
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         # Selected by name, not requires_grad: set_adapter() toggles requires_grad per adapter.
@@ -258,23 +278,27 @@ class PPOModule(StageModule):
         ``[B, R]`` (``None`` unless ``entropy``) of the response under the current
         (temperature-scaled) policy; the entropy is in the autograd graph only with
         ``entropy_grad``."""
-        hidden = trunk_hidden(self.model, input_ids, attention_mask)
+        with branch_inputs(self.model, self.value_branch) as lower:
+            hidden = trunk_hidden(self.model, input_ids, attention_mask)
         logp, entropies = response_logprobs(
             self.model, hidden, start, input_ids[:, start:], self.sampling.temperature, entropy, entropy_grad
         )
-        values = self.critic_values(input_ids, attention_mask, start, hidden[:, start - 1 : -1])
+        values = self.critic_values(input_ids, attention_mask, start, hidden[:, start - 1 : -1], lower)
         return logp, values, entropies
 
-    def critic_values(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, start: int, response_hidden: torch.Tensor
-    ) -> torch.Tensor | None:
+    def critic_values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, start: int,
+                      response_hidden: torch.Tensor, recorded: list[torch.Tensor] | None = None) -> torch.Tensor | None:
         """Values ``[B, R]`` of the critic (``None`` without one): an ``adapter`` critic's own
-        trunk pass, or the shared head on the policy's hidden states ``response_hidden``
-        ``[B, R, hidden]`` (those that predict the response tokens)."""
+        trunk pass; a ``hydra`` branch on the policy's lower hidden states ``recorded`` by
+        :func:`rlhf.ppo.critics.branch_inputs`; or the shared head on the policy's hidden states
+        ``response_hidden`` ``[B, R, hidden]`` (those that predict the response tokens)."""
         if not self.uses_critic:
             return None
         if self.critic == "adapter":
             return self.adapter_values(input_ids, attention_mask, start)
+        if self.critic == "hydra":  # detached inside: the branch's gradients stop at its input
+            length = response_hidden.shape[1]
+            return self._values_from(self.value_branch.response_states(recorded or [], attention_mask, start, length))
         # The shared head reads the policy's features without moving them: value-loss
         # gradients (returns can be large) never reach the policy adapter.
         return self._values_from(response_hidden.detach())
@@ -315,8 +339,9 @@ class PPOModule(StageModule):
         generator = process_generator(self.device, self.global_rank)  # this process's own draws
         self.sampling_seed = generator.initial_seed()
         if from_generation:
-            responses, record = sample_and_record(self.model, prompt_ids, prompt_mask, self.sampling, eos, pad,
-                                                  generator)
+            with branch_inputs(self.model, self.value_branch) as lower:
+                responses, record = sample_and_record(self.model, prompt_ids, prompt_mask, self.sampling, eos, pad,
+                                                      generator)
         else:
             responses = sample_responses(self.model, prompt_ids, prompt_mask, self.sampling, eos, pad,
                                          generator=generator)
@@ -330,7 +355,7 @@ class PPOModule(StageModule):
             if from_generation:
                 record = record.trimmed(response_mask.shape[1])
                 logprobs, entropy = record.logprobs, record.entropy
-                values = self.critic_values(input_ids, attention_mask, start, record.hidden)
+                values = self.critic_values(input_ids, attention_mask, start, record.hidden, lower)
             else:
                 logprobs, values, entropy = self.policy_forward(input_ids, attention_mask, start, entropy=True)
         with phase("reference"):
@@ -397,5 +422,6 @@ class PPOModule(StageModule):
 
     # -- outputs ---------------------------------------------------------------------------------
     def save_outputs(self, output_dir: str) -> None:
-        """``adapter/`` (policy LoRA), ``model/`` (merged policy), ``value_head.pt``, marker."""
+        """``adapter/`` (policy LoRA), ``model/`` (merged policy), ``value_head.pt``, a hydra
+        critic's ``value_branch.pt``, marker."""
         save_ppo_outputs(self, output_dir)

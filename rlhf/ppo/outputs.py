@@ -1,4 +1,5 @@
-"""What a finished PPO run saves: the policy adapter, the merged policy, the value head, the marker."""
+"""What a finished PPO run saves: the policy adapter, the merged policy, the critic's trained
+weights (value head, hydra value branch), the marker."""
 
 from __future__ import annotations
 
@@ -19,7 +20,10 @@ log = logging.getLogger("rlhf.ppo")
 
 def save_ppo_outputs(module: PPOModule, output_dir: str) -> None:
     """Write ``adapter/`` (the policy LoRA), ``model/`` (the merged policy; not for a quantised
-    base), ``value_head.pt`` (with a critic) and the stage marker, atomically, to ``output_dir``."""
+    base), ``value_head.pt`` (with a critic), ``value_branch.pt`` (a ``hydra`` critic's trained
+    copy of the top layers: the state dict of :class:`rlhf.models.value_branch.ValueBranch`,
+    its layer count in the marker's ``critic_layers``) and the stage marker, atomically, to
+    ``output_dir``."""
     info: dict[str, Any] = {
         "stage": "ppo",
         "base": module.base.name_or_path,
@@ -33,6 +37,9 @@ def save_ppo_outputs(module: PPOModule, output_dir: str) -> None:
         module.tokenizer.save_pretrained(tmp / "adapter")
         if module.value_head is not None:
             torch.save(module.value_head.state_dict(), tmp / "value_head.pt")
+        if module.value_branch is not None:
+            torch.save(module.value_branch.state_dict(), tmp / "value_branch.pt")
+            info["critic_layers"] = module.critic_layers
         if not module.base.quantization:
             save_merged_model(module.base, tmp / "adapter" / POLICY, module.tokenizer, tmp / "model")
             info["model_dir"] = "model"

@@ -87,7 +87,9 @@ class UpdateSettings:
             ``generation`` when the policy computes in float32 without autocast, where the two
             differ only by float rounding, else ``recompute``: in half precision the KV-cached
             and full passes differ enough to show as KL at the first iteration (measured in
-            docs/performance-notes.md). An ``adapter`` critic always makes its own value pass.
+            docs/performance-notes.md). An ``adapter`` critic always makes its own value pass;
+            a ``hydra`` critic runs its branch on the lower layer's hidden states recorded in
+            the same pass (generation's, or the recomputed one's).
     """
 
     ppo_epochs: int = 4
