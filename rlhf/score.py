@@ -4,6 +4,10 @@
         --data data/hh-rlhf/helpful-online/test.jsonl.gz data/hh-rlhf/harmless-base/test.jsonl.gz \\
         --schema hh_rlhf --val-fraction 0.1 --split-seed 0 --split val --out scores.jsonl
 
+Several ``--model`` directories (a reward ensemble, e.g. RMs trained with different seeds): each
+member's accuracy, and the ensemble's with the members standardised and combined by their mean,
+their min and mean - penalty * std (:mod:`rlhf.models.ensemble`); the headline is the mean's.
+
 ``--split val`` keeps exactly the prompt groups :class:`~rlhf.data.ComparisonDataModule` held
 out with the same files (in the same order), ``val_fraction`` and ``split_seed``: the accuracy
 on comparisons the reward model never trained on. Beside it, the accuracy of "the longer reply
@@ -33,6 +37,7 @@ from rlhf.data.records import Comparison, PromptLike, Ranking, as_conversation
 from rlhf.data.sources import DataSource, load_records
 from rlhf.data.tokenization import PromptFormatter, truncate_pair
 from rlhf.length_bias import length_rule_accuracy
+from rlhf.models.ensemble import OBJECTIVES, combine_scores
 
 log = logging.getLogger("rlhf.score")
 
@@ -198,9 +203,35 @@ def accuracy_summary(chosen: torch.Tensor, rejected: torch.Tensor) -> dict[str, 
     }
 
 
+def ensemble_accuracies(scores: torch.Tensor, n: int, names: Sequence[str], penalty: float) -> dict[str, Any]:
+    """Each member's accuracy and the ensemble's under every objective.
+
+    Args:
+        scores: ``[K, 2n]`` standardised scores of K members: the n chosen replies, then the n
+            rejected ones.
+        n: the number of pairs.
+        names: K member names.
+        penalty: the ``uncertainty`` objective's std weight.
+
+    Returns:
+        ``{"members": {name: accuracy_summary}, "ensemble": {objective: accuracy_summary}}``.
+    """
+    out: dict[str, Any] = {"members": {}, "ensemble": {}}
+    for name, row in zip(names, scores):
+        out["members"][str(name)] = accuracy_summary(row[:n], row[n:])
+    for objective in OBJECTIVES:
+        combined = combine_scores(scores, objective, penalty)  # type: ignore[arg-type]
+        out["ensemble"][objective] = accuracy_summary(combined[:n], combined[n:])
+    return out
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m rlhf.score", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", required=True, help="saved reward model directory (reward_model.json)")
+    p.add_argument("--model", required=True, nargs="+",
+                   help="saved reward model directory (reward_model.json); several: each one's accuracy "
+                   "and the ensemble's (members standardised, then combined as rlhf.models.ensemble)")
+    p.add_argument("--ensemble-penalty", type=float, default=1.0,
+                   help="the std weight of the ensemble's 'uncertainty' objective (mean - penalty * std)")
     p.add_argument("--data", required=True, nargs="+", help="comparison file(s), in training order")
     p.add_argument("--schema", default="hh_rlhf", choices=["hh_rlhf", "fields"])
     p.add_argument("--out", default=None, help="JSONL with one row per comparison")
@@ -229,17 +260,21 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.split != "all" and not 0.0 < args.val_fraction < 1.0:
         raise SystemExit("--split train/val needs --val-fraction in (0, 1), as in training")
-    info = read_reward_model_info(args.model)
+    infos = [read_reward_model_info(path) for path in args.model]
+    info = infos[0]
     trained = info.get("data") or {}
+    for path, other in zip(args.model[1:], infos[1:]):
+        if (other.get("data") or {}) != trained:
+            log.warning("%s was trained with other data settings than %s; scoring all with the first's",
+                        path, args.model[0])
     max_length = args.max_length or trained.get("max_length") or 512
     max_prompt_length = args.max_prompt_length or trained.get("max_prompt_length") or 384
     if max_prompt_length >= max_length:
         raise SystemExit(f"--max-prompt-length ({max_prompt_length}) must be < --max-length ({max_length})")
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = load_reward_model(args.model, device=device, dtype=args.dtype)
     tokenizer_dir = info.get("tokenizer_dir") or info.get("model_dir") or info.get("adapter_dir")
-    tokenizer = load_tokenizer(str(Path(args.model) / tokenizer_dir))
+    tokenizer = load_tokenizer(str(Path(args.model[0]) / tokenizer_dir))
     formatter = PromptFormatter(tokenizer, trained.get("use_chat_template"), trained.get("system_prompt"))
 
     pairs = select_comparisons(args.data, args.schema, args.split, args.val_fraction, args.split_seed)
@@ -251,10 +286,23 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         raise SystemExit("no comparisons to score")
     prompts = [p.prompt for p in pairs] * 2
     responses = [p.chosen for p in pairs] + [p.rejected for p in pairs]
-    scores = score_texts(model, formatter, prompts, responses, args.batch_size, max_length,
-                         max_prompt_length, progress=not args.no_progress)
+    member_scores = []
+    for path in args.model:  # one model in memory at a time
+        model = load_reward_model(path, device=device, dtype=args.dtype)
+        scores = score_texts(model, formatter, prompts, responses, args.batch_size, max_length,
+                             max_prompt_length, progress=not args.no_progress)
+        member_scores.append(model.normalize(scores) if len(args.model) > 1 else scores)
+        del model
+    if len(args.model) == 1:
+        scores = member_scores[0]
+        members: dict[str, Any] = {}
+    else:
+        stacked = torch.stack(member_scores)  # [K, 2n], each member standardised
+        members = ensemble_accuracies(stacked, len(pairs), args.model, args.ensemble_penalty)
+        scores = combine_scores(stacked, "mean")
     chosen, rejected = scores[: len(pairs)], scores[len(pairs) :]
     summary = accuracy_summary(chosen, rejected)
+    summary.update(members)
     written, scored = response_lengths(formatter, prompts, responses, max_length, max_prompt_length)
     n = len(pairs)
     summary.update(length_rule_accuracy(written[:n], written[n:]))
@@ -271,8 +319,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
                 if p.pair is not None:
                     row["pair"] = list(p.pair)
                 f.write(json.dumps(row) + "\n")
+    for name, part in members.get("members", {}).items():
+        print(f"member {name}: pairwise accuracy {part['accuracy']:.4f} (±{1.96 * part['accuracy_se']:.4f})")
+    for objective, part in members.get("ensemble", {}).items():
+        print(f"ensemble ({objective}): pairwise accuracy {part['accuracy']:.4f} (±{1.96 * part['accuracy_se']:.4f})")
     print(
-        f"pairwise accuracy {summary['accuracy']:.4f} "
+        ("ensemble (mean): " if members else "")
+        + f"pairwise accuracy {summary['accuracy']:.4f} "
         f"(95% CI {summary['accuracy_ci95_low']:.4f}-{summary['accuracy_ci95_high']:.4f}, "
         f"±{1.96 * summary['accuracy_se']:.4f}), mean margin {summary['mean_margin']:.4f}, "
         f"n={summary['n']} ({args.split})"

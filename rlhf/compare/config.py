@@ -236,6 +236,11 @@ def fit_setting(method: Method, dotted: str) -> Any:
             value = method.args[i + 1]
         elif arg.startswith(f"--{dotted}="):
             value = arg.split("=", 1)[1]
+    if isinstance(value, str) and value.startswith("["):  # a list on the command line, e.g. [a, b]
+        try:
+            value = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            raise CompareConfigError(f"{method.name}: --{dotted}={value}: not a valid list: {e}") from None
     if value is not None:
         return value
     try:
@@ -260,7 +265,11 @@ def check_fit_inputs(method: Method, reference: Path, proxy: Path, where: str) -
         )
     for key in ("model.init_args.reward.model", "model.init_args.reward_model"):
         rm = fit_setting(method, key)
-        if rm is not None and not _same_path(rm, proxy):
+        if isinstance(rm, list):  # a reward ensemble: the proxy must be one of its members
+            if not any(_same_path(member, proxy) for member in rm):
+                raise CompareConfigError(f"{where}: {method.fit} sets {key}={rm!r}, an ensemble without "
+                                         f"the proxy {proxy}")
+        elif rm is not None and not _same_path(rm, proxy):
             raise CompareConfigError(f"{where}: {method.fit} sets {key}={rm!r}, not the proxy {proxy}")
 
 

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from rlhf.generation import Scorer
+from rlhf.models.ensemble import EnsembleObjective, EnsembleScorer, check_ensemble
 from rlhf.models.forward import trunk_hidden
 from rlhf.models.loading import ModelSettings
 from rlhf.models.reward import last_token_index, load_reward_model, read_reward_model_info
@@ -36,16 +38,18 @@ class SharedBaseScorer(nn.Module):
     """Scores with the RM's LoRA adapter loaded as adapter ``reward`` on the policy's model:
     one copy of the base weights serves policy, reference and reward."""
 
-    def __init__(self, policy_model: nn.Module, score_head: nn.Linear, active_adapter: str) -> None:
+    def __init__(self, policy_model: nn.Module, score_head: nn.Linear, active_adapter: str,
+                 adapter_name: str = REWARD) -> None:
         super().__init__()
         self.policy_model = [policy_model]  # not a submodule: the stage module owns it
         self.score_head = score_head.requires_grad_(False)
         self.active_adapter = active_adapter
+        self.adapter_name = adapter_name
 
     @torch.no_grad()
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         model = self.policy_model[0]
-        model.set_adapter(REWARD)
+        model.set_adapter(self.adapter_name)
         try:
             hidden = trunk_hidden(model, input_ids, attention_mask)
         finally:
@@ -72,21 +76,49 @@ def _same_model(a: str, b: str) -> bool:
 
 
 def load_scorer(
-    reward_dir: str | os.PathLike,
+    reward_dir: str | os.PathLike | Sequence[str | os.PathLike],
     share_base: bool,
     policy_model: nn.Module,
     base: ModelSettings,
     tokenizer,  # noqa: ANN001 (a transformers tokenizer)
+    objective: EnsembleObjective = "mean",
+    penalty: float = 1.0,
 ) -> tuple[Scorer, float, float]:
-    """The scorer for the reward model saved in ``reward_dir`` and its recorded score mean and std.
+    """The scorer for the reward model(s) in ``reward_dir`` and the mean and std to standardise
+    its scores with.
 
-    Shares the policy's base (``policy_model``, a peft model on ``base``) when the RM was saved
-    as a LoRA adapter on that same base and ``share_base`` is on; otherwise loads the RM as its
-    own model. Raises ``ValueError`` when the RM's tokenizer differs from ``tokenizer``.
+    One directory: that RM and its recorded training mean and std. A list of several: an
+    :class:`rlhf.models.ensemble.EnsembleScorer` that standardises each member itself and
+    combines them with ``objective`` / ``penalty``; its mean and std are then 0 and 1.
+    Each RM shares the policy's base (``policy_model``, a peft model on ``base``) when it was
+    saved as a LoRA adapter on that same base and ``share_base`` is on; otherwise it loads as
+    its own model. Raises ``ValueError`` when an RM's tokenizer differs from ``tokenizer``.
     """
-    path = Path(reward_dir)
+    dirs = [reward_dir] if isinstance(reward_dir, (str, os.PathLike)) else list(reward_dir)
+    check_ensemble([str(d) for d in dirs], objective, penalty)
+    if len(dirs) == 1:
+        return _load_member(Path(dirs[0]), share_base, policy_model, base, tokenizer, REWARD)
+    members, stats = [], []
+    for i, path in enumerate(dirs):
+        scorer, mean, std = _load_member(Path(path), share_base, policy_model, base, tokenizer, f"{REWARD}_{i}")
+        members.append(scorer)
+        stats.append((mean, std))
+    log.info("reward ensemble of %d models, objective %s%s", len(dirs), objective,
+             f" (penalty {penalty})" if objective == "uncertainty" else "")
+    return EnsembleScorer(members, stats, objective, penalty), 0.0, 1.0
+
+
+def _load_member(
+    path: Path,
+    share_base: bool,
+    policy_model: nn.Module,
+    base: ModelSettings,
+    tokenizer,  # noqa: ANN001 (a transformers tokenizer)
+    adapter_name: str,
+) -> tuple[nn.Module, float, float]:
+    """One reward model as a scorer (adapter ``adapter_name`` on the policy's base when it can
+    share it), with its recorded score mean and std."""
     info = read_reward_model_info(path)  # clear error when the path is not a saved RM
-    rm_vocab = None
     tokenizer_dir = info.get("tokenizer_dir")
     if tokenizer_dir:
         from transformers import AutoTokenizer
@@ -109,13 +141,14 @@ def load_scorer(
     if share:
         from safetensors.torch import load_file
 
-        policy_model.load_adapter(str(path / info["adapter_dir"]), adapter_name=REWARD, is_trainable=False)
+        active = policy_model.active_adapter
+        policy_model.load_adapter(str(path / info["adapter_dir"]), adapter_name=adapter_name, is_trainable=False)
+        policy_model.set_adapter(active)
         head_state = load_file(str(path / info["score_head"]))
         head = nn.Linear(head_state["weight"].shape[1], 1)
         head.load_state_dict(head_state)
-        active = policy_model.active_adapter
-        log.info("reward model %s shares the policy base (adapter %r)", path, REWARD)
-        return SharedBaseScorer(policy_model, head.to(device), active), mean, std
+        log.info("reward model %s shares the policy base (adapter %r)", path, adapter_name)
+        return SharedBaseScorer(policy_model, head.to(device), active, adapter_name), mean, std
     dtype = next(policy_model.parameters()).dtype
     model = load_reward_model(path, device=device, dtype=dtype)
     log.info("reward model %s loaded as a separate model", path)

@@ -188,7 +188,8 @@ class PPOModule(StageModule):
                 raise ValueError("no reward: set model.init_args.reward.model to the RM stage output")
             from rlhf.models.scorers import check_reward_model
 
-            check_reward_model(self.reward_settings.model)  # before the policy is loaded
+            for path in self.reward_settings.models:  # before the policy is loaded
+                check_reward_model(path)
 
     def sequence_budget(self) -> tuple[int, str] | None:
         """Prompt (left-truncated to ``max_prompt_length``) plus ``max_new_tokens``."""
@@ -207,9 +208,9 @@ class PPOModule(StageModule):
             raise ValueError("no reward: set model.init_args.reward.model to the RM stage output")
         from rlhf.models.scorers import load_scorer
 
-        scorer, mean, std = load_scorer(
-            self.reward_settings.model, self.reward_settings.share_base, self.model, self.base, self.tokenizer
-        )
+        r = self.reward_settings
+        scorer, mean, std = load_scorer(r.models, r.share_base, self.model, self.base, self.tokenizer,
+                                        r.ensemble, r.ensemble_penalty)
         self.score_mean, self.score_std = mean, std
         return scorer
 
@@ -386,8 +387,13 @@ class PPOModule(StageModule):
 
     # -- Lightning hooks -------------------------------------------------------------------------
     def rollout_metrics(self, r: Rollout, prefix: str = "") -> dict[str, float]:
-        """:func:`rlhf.ppo.metrics.rollout_metrics`, with ``gold/mean`` when ``gold`` is set."""
-        return rollout_metrics(r, prefix, gold_scores(self.gold, self.tokenizer, r) if self.gold else None)
+        """:func:`rlhf.ppo.metrics.rollout_metrics`, with ``gold/mean`` when ``gold`` is set and
+        ``reward/ensemble_std`` (the members' disagreement) for a reward ensemble."""
+        metrics = rollout_metrics(r, prefix, gold_scores(self.gold, self.tokenizer, r) if self.gold else None)
+        spread = getattr(self.scorer, "last_spread", None)
+        if spread is not None:
+            metrics[f"{prefix}reward/ensemble_std"] = spread
+        return metrics
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         with adapter_inputs_left_to_autocast(self.model, self.device.type):

@@ -7,6 +7,8 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
+from rlhf.models.ensemble import EnsembleObjective, check_ensemble
+
 # The names of the LoRA adapters PPO puts on the base: the policy, and an ``adapter`` critic.
 POLICY = "policy"
 VALUE = "value"
@@ -17,8 +19,14 @@ class RewardSettings:
     """Where scores come from and how they are shaped.
 
     Args:
-        model: the reward-model stage's output directory.
-        normalize: standardise scores with the mean/std the RM stage recorded.
+        model: the reward-model stage's output directory, or a list of several: an ensemble
+            (:mod:`rlhf.models.ensemble`; each member standardised with its own statistics,
+            then combined by ``ensemble``).
+        ensemble: how an ensemble's members combine: ``mean``, ``uncertainty``
+            (``mean - ensemble_penalty * std`` over the members) or ``min`` (the worst member).
+        ensemble_penalty: the weight of the members' std under ``uncertainty``.
+        normalize: standardise scores with the mean/std the RM stage recorded (an ensemble's
+            members are always standardised before they are combined).
         clip: clip the (normalised) score to ``[-clip, clip]``; ``None`` disables.
         missing_eos_penalty: score given to responses that never emit EOS (replaces the RM
             score); ``None`` keeps the RM score.
@@ -28,12 +36,22 @@ class RewardSettings:
             an adapter on that base instead of a second model.
     """
 
-    model: str
+    model: str | list[str]
+    ensemble: EnsembleObjective = "mean"
+    ensemble_penalty: float = 1.0
     normalize: bool = True
     clip: float | None = 5.0
     missing_eos_penalty: float | None = -1.0
     length_normalize: bool = False
     share_base: bool = True
+
+    def __post_init__(self) -> None:
+        check_ensemble(self.models, self.ensemble, self.ensemble_penalty)
+
+    @property
+    def models(self) -> list[str]:
+        """The reward model directories (one, or an ensemble's members)."""
+        return [self.model] if isinstance(self.model, str) else list(self.model)
 
 
 @dataclass
