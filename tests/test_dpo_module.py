@@ -73,11 +73,11 @@ def test_response_mask_starts_after_each_prompt(tmp_path, tiny_model_dir):
 
 
 def test_prefix_fallback_gives_the_same_pair_differences(tmp_path, tiny_model_dir):
-    """A plain ComparisonDataModule batch has no prompt_length: the group's shared prefix
-    stands in, which changes per-response sums but not chosen-minus-rejected differences."""
+    """A batch without prompt_length (a custom collator's): the group's shared prefix stands
+    in, which changes per-response sums but not chosen-minus-rejected differences."""
     batch, _ = _batch(tmp_path, tiny_model_dir)
     plain, _ = _batch(tmp_path, tiny_model_dir, ComparisonDataModule)
-    assert "prompt_length" not in plain
+    assert torch.equal(plain.pop("prompt_length"), batch["prompt_length"])
     prefix = group_prefix_lengths(plain["input_ids"], plain["attention_mask"], plain["group"])
     assert (prefix >= batch["prompt_length"]).all()
     assert (prefix < plain["attention_mask"].sum(1)).all()  # every row keeps a token

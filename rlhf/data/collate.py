@@ -62,7 +62,9 @@ class PreferenceCollator:
     Each completion is encoded once with its prompt, however many pairs it is in (the K-wise
     form of InstructGPT). Batch: ``input_ids``/``attention_mask`` ``[n_sequences, seq]``;
     ``chosen_index``/``rejected_index`` ``[n_pairs]`` rows of ``input_ids``; ``margin``
-    ``[n_pairs]`` (0 where none); ``group`` ``[n_sequences]`` the group each row came from.
+    ``[n_pairs]`` (0 where none); ``group`` ``[n_sequences]`` the group each row came from;
+    ``prompt_length`` ``[n_sequences]`` the prompt's token count for each row (its response
+    starts there).
     """
 
     pad_id: int
@@ -87,6 +89,8 @@ class PreferenceCollator:
             "rejected_index": torch.tensor(rejected, dtype=torch.long),
             "margin": torch.tensor(margins, dtype=torch.float32),
             "group": torch.tensor(groups, dtype=torch.long),
+            "prompt_length": torch.tensor([len(it["prompt_ids"]) for it in items for _ in it["completion_ids"]],
+                                          dtype=torch.long),
         }
 
 

@@ -32,6 +32,7 @@ log = logging.getLogger("rlhf.rm")
 
 REWARD_MODEL_JSON = "reward_model.json"
 SCORE_HEAD_FILE = "score_head.safetensors"
+LENGTH_HEAD_FILE = "length_head.safetensors"  # ODIN's length head, when the RM has one
 FORMAT_VERSION = 1
 
 
@@ -66,6 +67,9 @@ class RewardModel(nn.Module):
             model; :meth:`normalize` uses them.
         no_dropout: set every dropout of the backbone to 0 (see :func:`disable_dropout`); the
             backbone stays in train mode when training, so gradient checkpointing still works.
+        length_head: a second ``nn.Linear(hidden, 1)`` on the same last hidden state, trained
+            to carry the length signal (ODIN, :mod:`rlhf.rm.odin`); the model's score
+            (:meth:`forward`) is then the other head's, the length-free one.
     """
 
     def __init__(
@@ -75,6 +79,7 @@ class RewardModel(nn.Module):
         score_mean: float = 0.0,
         score_std: float = 1.0,
         no_dropout: bool = True,
+        length_head: nn.Linear | None = None,
     ) -> None:
         super().__init__()
         self.backbone = backbone
@@ -90,6 +95,10 @@ class RewardModel(nn.Module):
             )
         device = next(backbone.parameters()).device
         self.score_head = score_head.to(device=device, dtype=torch.float32)
+        if length_head is not None and (length_head.in_features != hidden or length_head.out_features != 1):
+            raise ValueError(f"length_head must be Linear({hidden}, 1), got Linear({length_head.in_features}, "
+                             f"{length_head.out_features})")
+        self.length_head = None if length_head is None else length_head.to(device=device, dtype=torch.float32)
         self.score_mean = float(score_mean)
         self.score_std = float(score_std)
         if no_dropout:
@@ -144,13 +153,20 @@ class RewardModel(nn.Module):
         return out.hidden_states[-1]
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """``input_ids``/``attention_mask`` ``[b, t]`` (right or left padded) -> fp32 scores ``[b]``."""
+        """``input_ids``/``attention_mask`` ``[b, t]`` (right or left padded) -> fp32 scores ``[b]``
+        (with a length head: the length-free head's)."""
+        return self.head_scores(input_ids, attention_mask)[0]
+
+    def head_scores(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(score [b], length-head score [b] or None)`` from one pass, both fp32."""
         hidden = self.last_hidden_state(input_ids, attention_mask)
         index = last_token_index(attention_mask).to(hidden.device)
-        last = hidden[torch.arange(hidden.shape[0], device=hidden.device), index]  # [b, hidden]
-        # The head runs in fp32 even under bf16 autocast: scores feed a loss and PPO rewards.
+        last = hidden[torch.arange(hidden.shape[0], device=hidden.device), index].float()  # [b, hidden]
+        # The heads run in fp32 even under bf16 autocast: scores feed a loss and PPO rewards.
         with torch.autocast(device_type=last.device.type, enabled=False):
-            return self.score_head(last.float()).squeeze(-1)
+            score = self.score_head(last).squeeze(-1)
+            length = None if self.length_head is None else self.length_head(last).squeeze(-1)
+        return score, length
 
     def normalize(self, scores: torch.Tensor) -> torch.Tensor:
         """``(scores - score_mean) / score_std``, the training-data statistics saved with the model."""
@@ -191,6 +207,15 @@ class RewardModel(nn.Module):
             },
             directory / SCORE_HEAD_FILE,
         )
+        if self.length_head is not None:
+            save_file(
+                {
+                    "weight": self.length_head.weight.detach().float().cpu().contiguous(),
+                    "bias": self.length_head.bias.detach().float().cpu().contiguous(),
+                },
+                directory / LENGTH_HEAD_FILE,
+            )
+            info["length_head"] = LENGTH_HEAD_FILE
         backbone = self.backbone
         if _is_peft(backbone):
             backbone.save_pretrained(directory / "adapter")
@@ -255,11 +280,17 @@ def load_reward_model(
         backbone = PeftModel.from_pretrained(base, str(path / info["adapter_dir"]))
     else:
         raise ValueError(f"{path / REWARD_MODEL_JSON} names neither model_dir nor adapter_dir")
-    state = load_file(str(path / info.get("score_head", SCORE_HEAD_FILE)))
-    head = nn.Linear(state["weight"].shape[1], 1)
-    head.load_state_dict(state)
+    heads = []
+    for file in (info.get("score_head", SCORE_HEAD_FILE), info.get("length_head")):
+        if file is None:
+            heads.append(None)
+            continue
+        state = load_file(str(path / file))
+        heads.append(nn.Linear(state["weight"].shape[1], 1))
+        heads[-1].load_state_dict(state)
     model = RewardModel(
-        backbone, head, score_mean=info.get("score_mean", 0.0), score_std=info.get("score_std", 1.0)
+        backbone, heads[0], score_mean=info.get("score_mean", 0.0), score_std=info.get("score_std", 1.0),
+        length_head=heads[1],
     )
     if device is not None:
         model.to(device)

@@ -16,12 +16,16 @@ from rlhf.models.forward import adapter_inputs_left_to_autocast
 from rlhf.models.loading import ModelSettings
 from rlhf.outputs import atomic_directory, write_stage_marker
 from rlhf.rm.loss import bradley_terry_loss
+from rlhf.rm.odin import length_decorrelation_loss, orthogonality_loss
 from rlhf.rm.metrics import MeanMargin, PairwiseAccuracy, StdMetric
 from rlhf.models.reward import RewardModel
 from rlhf.stage import StageModule
 from rlhf.tracking import log_histograms, wandb_loggers
 
 log = logging.getLogger("rlhf.rm")
+
+#: ODIN's batch statistics, logged per step and averaged over validation batches.
+ODIN_STATS = ("quality_length_corr", "length_head_corr", "orthogonal_loss")
 
 
 class RewardModule(StageModule):
@@ -46,6 +50,13 @@ class RewardModule(StageModule):
             its top blocks).
         margin_loss: subtract each pair's ``margin`` inside the sigmoid (Llama 2).
         center_coef: weight of the reward-centering term ``mean(r**2)`` (0 disables it).
+        length_head: ODIN (:mod:`rlhf.rm.odin`): a second head that carries the length
+            signal; the ranking loss is on the sum of the two heads, plus ``length_coef *
+            (|corr(quality, length)| - corr(length head, length))`` and ``orthogonal_coef *
+            |w_q . w_l|``. The saved RM's score is the quality head's (length-free); logs
+            ``*/accuracy_total`` (the sum's), ``*/quality_length_corr``, ``*/length_head_corr``
+            (``*/loss`` then includes the length terms, so it can be negative).
+        length_coef, orthogonal_coef: the weights of those two terms.
         stats_max_rows: training sequences used for the saved score mean/std (``None``: all).
         **kwargs: optimizer and output settings of :class:`rlhf.stage.StageModule`.
     """
@@ -62,16 +73,24 @@ class RewardModule(StageModule):
         output_dir: str | None = None,
         margin_loss: bool = False,
         center_coef: float = 0.0,
+        length_head: bool = False,
+        length_coef: float = 1.0,
+        orthogonal_coef: float = 1.0,
         stats_max_rows: int | None = 2000,
     ) -> None:
         super().__init__(base, lr, weight_decay, warmup_steps, adam_eps, output_dir)
-        if center_coef < 0:
-            raise ValueError(f"center_coef must be >= 0, got {center_coef}")
+        for name, value in (("center_coef", center_coef), ("length_coef", length_coef),
+                            ("orthogonal_coef", orthogonal_coef)):
+            if not (value >= 0 and math.isfinite(value)):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value}")
         if stats_max_rows is not None and stats_max_rows < 2:
             raise ValueError(f"stats_max_rows must be >= 2 or None, got {stats_max_rows}")
         self.save_hyperparameters()
         self.margin_loss = margin_loss
         self.center_coef = center_coef
+        self.length_head = length_head
+        self.length_coef = length_coef
+        self.orthogonal_coef = orthogonal_coef
         self.stats_max_rows = stats_max_rows
         self.model: RewardModel | None = None
         self.train_accuracy = PairwiseAccuracy()
@@ -84,6 +103,10 @@ class RewardModule(StageModule):
         # Every pair's margin and every score, kept only when a W&B logger wants histograms.
         self.val_margin_values = CatMetric()
         self.val_score_values = CatMetric()
+        self.val_accuracy_total = PairwiseAccuracy()  # ODIN: the two heads' sum
+        self.val_odin = {k: MeanMetric() for k in ODIN_STATS}
+        for k, metric in self.val_odin.items():
+            self.add_module(f"val_{k}", metric)
         self._histograms = False
 
     def configure_model(self) -> None:
@@ -92,7 +115,8 @@ class RewardModule(StageModule):
         backbone = self.load_base_model()
         # from_pretrained returns eval mode and Lightning keeps modules' modes; train mode is
         # needed for gradient checkpointing (dropout is 0 either way).
-        self.model = RewardModel(backbone).train()
+        score_head, length_head = self._new_heads(backbone)
+        self.model = RewardModel(backbone, score_head, length_head=length_head).train()
         shard_model(self, self.model, self.model)  # FSDP only
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -100,13 +124,36 @@ class RewardModule(StageModule):
         with adapter_inputs_left_to_autocast(self.model, self.device.type):
             return self.model(input_ids, attention_mask)
 
+    def _new_heads(self, backbone: torch.nn.Module) -> tuple[torch.nn.Linear | None, torch.nn.Linear | None]:
+        """``(score head, length head)``: ``(None, None)`` (the RM's zero-initialised head)
+        without ODIN; with it, two small random heads, since a constant head has no
+        correlation with length to steer."""
+        if not self.length_head:
+            return None, None
+        config = backbone.config.get_text_config() if hasattr(backbone.config, "get_text_config") else backbone.config
+        hidden = int(config.hidden_size)
+        return torch.nn.Linear(hidden, 1), torch.nn.Linear(hidden, 1)
+
     def _pairs(self, batch: dict[str, torch.Tensor]):
-        scores = self(batch["input_ids"], batch["attention_mask"])
-        chosen = scores[batch["chosen_index"]]
-        rejected = scores[batch["rejected_index"]]
+        ids, mask = batch["input_ids"], batch["attention_mask"]
         margin = batch["margin"] if self.margin_loss else None
-        loss, stats = bradley_terry_loss(chosen, rejected, margin, self.center_coef, scores)
-        return scores, chosen, rejected, loss, stats
+        if self.model.length_head is None:
+            scores = self(ids, mask)
+            chosen, rejected = scores[batch["chosen_index"]], scores[batch["rejected_index"]]
+            loss, stats = bradley_terry_loss(chosen, rejected, margin, self.center_coef, scores)
+            return scores, chosen, rejected, loss, stats
+        with adapter_inputs_left_to_autocast(self.model, self.device.type):
+            scores, length_scores = self.model.head_scores(ids, mask)
+        total = scores + length_scores
+        c, r = batch["chosen_index"], batch["rejected_index"]
+        loss, stats = bradley_terry_loss(total[c], total[r], margin, self.center_coef, total)
+        lengths = mask.sum(dim=1) - batch["prompt_length"].to(mask.device)
+        decorrelation, odin = length_decorrelation_loss(scores, length_scores, lengths)
+        orthogonal = orthogonality_loss(self.model.score_head.weight, self.model.length_head.weight)
+        loss = loss + self.length_coef * decorrelation + self.orthogonal_coef * orthogonal
+        stats.update(odin, orthogonal_loss=orthogonal.detach(), chosen_total=total[c].detach(),
+                     rejected_total=total[r].detach())
+        return scores, scores[c], scores[r], loss, stats
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         scores, chosen, rejected, loss, stats = self._pairs(batch)
@@ -118,10 +165,21 @@ class RewardModule(StageModule):
         self.log("train/margin", self.train_margin, on_step=True, on_epoch=False)
         if self.center_coef:
             self.log("train/center_loss", stats["center_loss"], batch_size=scores.shape[0])
+        if "chosen_total" in stats:
+            total_accuracy = (stats["chosen_total"] > stats["rejected_total"]).float().mean()
+            self.log("train/accuracy_total", total_accuracy, batch_size=n_pairs)
+            for k in ODIN_STATS:
+                self.log(f"train/{k}", stats[k], batch_size=scores.shape[0])
         return loss
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        scores, chosen, rejected, loss, _ = self._pairs(batch)
+        scores, chosen, rejected, loss, stats = self._pairs(batch)
+        if "chosen_total" in stats:
+            self.val_accuracy_total.update(stats["chosen_total"], stats["rejected_total"])
+            self.log("val/accuracy_total", self.val_accuracy_total, on_step=False, on_epoch=True)
+            for k, metric in self.val_odin.items():
+                metric.update(stats[k], weight=scores.shape[0])
+                self.log(f"val/{k}", metric, on_step=False, on_epoch=True)
         self.val_loss.update(loss.detach(), weight=chosen.shape[0])
         self.val_accuracy.update(chosen, rejected)
         self.val_margin.update(chosen, rejected)
