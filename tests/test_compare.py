@@ -17,7 +17,7 @@ import pytest
 import torch
 import yaml
 
-from rlhf.compare.config import CompareConfigError, load_config, select
+from rlhf.compare.config import CompareConfigError, load_config, missing_inputs, select
 from rlhf.compare.report import build_report, write_report
 from rlhf.compare.runs import (
     RunPaths,
@@ -28,6 +28,7 @@ from rlhf.compare.runs import (
     run_comparison,
     run_paths,
     start_attempt,
+    train_fingerprint,
     train_seconds,
 )
 from rlhf.compare.snapshots import (
@@ -211,6 +212,9 @@ def write_config(path: Path, config: dict) -> Path:
     (lambda c: c.update(reference="elsewhere"), r"methods\.a: .*fit\.yaml starts from .*not the reference elsewhere"),
     (lambda c: c["methods"]["b"].update(args=["--model.init_args.reward.model=other"]),
      r"methods\.b: .*sets model\.init_args\.reward\.model='other', not the proxy"),
+    (lambda c: c["methods"]["b"].update(args=["--model.init_args.reward.model=[other, more]"], rewards=["other"]),
+     r"methods\.b: .*sets model\.init_args\.reward\.model=\['other', 'more'\], not its rewards \['other'\]"),
+    (lambda c: c["methods"]["bon2"].update(rewards=["other"]), r"methods\.bon2: \['rewards'\] only apply"),
 ])
 def test_bad_configs_name_the_file_the_key_and_the_problem(tmp_path, change, message):
     config = compare_config(tmp_path, write_inputs(tmp_path))
@@ -219,6 +223,26 @@ def test_bad_configs_name_the_file_the_key_and_the_problem(tmp_path, change, mes
     with pytest.raises(CompareConfigError, match=message) as err:
         load_config(path)
     assert str(path) in str(err.value)
+
+
+def test_a_method_may_optimise_its_own_reward_models_which_must_exist_and_stamp_its_runs(tmp_path):
+    inputs = write_inputs(tmp_path)
+    config = compare_config(tmp_path, inputs)
+    odin, member = tmp_path / "rm_odin", tmp_path / "rm1"
+    config["methods"]["b"].update(args=[f"--model.init_args.reward.model=[{inputs['proxy']}, {member}]"],
+                                  rewards=[str(inputs["proxy"]), str(member)])
+    config["methods"]["a"].update(args=[f"--model.init_args.reward.model={odin}"], rewards=[str(odin)])
+    loaded = load_config(write_config(tmp_path / "compare.yaml", config))
+    assert loaded.methods["a"].rewards == (odin,)
+    assert [p for p in missing_inputs(loaded) if "rewards" in p] == [
+        f"{tmp_path / 'compare.yaml'}: methods.a.rewards: {odin} is not a complete stage output (no "
+        f"rlhf_stage.json there); run the stage that writes it first",
+        f"{tmp_path / 'compare.yaml'}: methods.b.rewards: {member} is not a complete stage output (no "
+        f"rlhf_stage.json there); run the stage that writes it first"]
+    before = train_fingerprint(loaded, loaded.methods["a"], 0)
+    odin.mkdir()
+    (odin / "rlhf_stage.json").write_text("{}")
+    assert train_fingerprint(loaded, loaded.methods["a"], 0) != before  # a retrained RM retrains the run
 
 
 def test_unknown_methods_and_seeds_on_the_command_line_are_refused(tmp_path):

@@ -14,6 +14,10 @@
         args: [--model.init_args.critic=adapter]
         snapshot_every: 10                  # evaluate the policy every 10 training steps too
         budget: 30 iterations x 8 prompts   # stated in the report's table
+      ppo_odin:
+        fit: configs/gold/ppo.yaml
+        args: [--model.init_args.reward.model=outputs/gold/rm_odin]
+        rewards: [outputs/gold/rm_odin]     # optimises another RM (trained on the proxy's labels)
 
 :func:`load_config` refuses a bad config with the file, the key and what is wrong.
 """
@@ -29,7 +33,7 @@ from typing import Any
 import yaml
 
 TOP_KEYS = ("out", "seeds", "reference", "proxy", "gold", "eval", "methods")
-METHOD_KEYS = ("fit", "args", "snapshot_every", "budget", "best_of_n", "reference")
+METHOD_KEYS = ("fit", "args", "snapshot_every", "budget", "best_of_n", "reference", "rewards")
 METHOD_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 # Arguments the comparison sets for each run itself: a method may not set them.
 RESERVED_ARGS = ("--seed_everything", "--model.init_args.output_dir", "--trainer.default_root_dir",
@@ -92,6 +96,9 @@ class Method:
         snapshot_every: ``fit`` only: also evaluate the policy every this many training steps
             (``None``: only the final policy).
         budget: the method's compute budget in words, for the report.
+        rewards: ``fit`` only: the reward models it optimises when they are not the proxy
+            (an ensemble's members, an ODIN RM trained on the proxy's labels); its fit config
+            must name exactly these. The evaluation still scores every policy with the proxy.
     """
 
     name: str
@@ -101,6 +108,7 @@ class Method:
     n: int | None = None
     snapshot_every: int | None = None
     budget: str = ""
+    rewards: tuple[Path, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -198,7 +206,7 @@ def parse_method(name: Any, data: Any, where: str) -> Method:
         raise CompareConfigError(f"{where}.budget: expected a string, got {budget!r}")
     kind = kinds[0]
     if kind != "fit":
-        extra = sorted(k for k in ("args", "snapshot_every") if k in data)
+        extra = sorted(k for k in ("args", "snapshot_every", "rewards") if k in data)
         if extra:
             raise CompareConfigError(f"{where}: {extra} only apply to a 'fit' method")
     if kind == "best_of_n":
@@ -220,7 +228,10 @@ def parse_method(name: Any, data: Any, where: str) -> Method:
                                      f"run (seed, output and log directories); remove it")
     every = data.get("snapshot_every")
     every = None if every is None else _int(every, f"{where}.snapshot_every", 1)
-    return Method(name, kind, fit=fit, args=args, snapshot_every=every, budget=budget)
+    rewards = data.get("rewards") or []
+    rewards = rewards if isinstance(rewards, list) else [rewards]
+    rewards = tuple(Path(_str(r, f"{where}.rewards[{i}]")) for i, r in enumerate(rewards))
+    return Method(name, kind, fit=fit, args=args, snapshot_every=every, budget=budget, rewards=rewards)
 
 
 def _same_path(a: str | os.PathLike, b: str | os.PathLike) -> bool:
@@ -263,14 +274,16 @@ def check_fit_inputs(method: Method, reference: Path, proxy: Path, where: str) -
             f"{where}: {method.fit} starts from model.init_args.base.name_or_path={base!r}, not the "
             f"reference {reference} (or {reference / 'model'}): KL and best-of-n would be to another policy"
         )
+    expected = list(method.rewards) or [proxy]
     for key in ("model.init_args.reward.model", "model.init_args.reward_model"):
         rm = fit_setting(method, key)
-        if isinstance(rm, list):  # a reward ensemble: the proxy must be one of its members
-            if not any(_same_path(member, proxy) for member in rm):
-                raise CompareConfigError(f"{where}: {method.fit} sets {key}={rm!r}, an ensemble without "
-                                         f"the proxy {proxy}")
-        elif rm is not None and not _same_path(rm, proxy):
-            raise CompareConfigError(f"{where}: {method.fit} sets {key}={rm!r}, not the proxy {proxy}")
+        if rm is None:
+            continue
+        named = rm if isinstance(rm, list) else [rm]
+        if len(named) != len(expected) or not all(_same_path(a, b) for a, b in zip(named, expected)):
+            what = f"its rewards {[str(r) for r in expected]}" if method.rewards else f"the proxy {proxy}"
+            raise CompareConfigError(f"{where}: {method.fit} sets {key}={rm!r}, not {what} (a method that "
+                                     f"optimises other reward models lists them under 'rewards')")
 
 
 def load_config(path: str | os.PathLike) -> CompareConfig:
@@ -327,11 +340,12 @@ def load_config(path: str | os.PathLike) -> CompareConfig:
 
 def missing_inputs(config: CompareConfig) -> list[str]:
     """What must exist before anything runs, in words (empty when all is there): the
-    reference and the proxy as complete stage outputs."""
+    reference, the proxy and every method's ``rewards`` as complete stage outputs."""
     from rlhf.outputs import read_stage_marker
 
     problems = []
-    for key, path in (("reference", config.reference), ("proxy", config.proxy)):
+    rewards = [(f"methods.{m.name}.rewards", path) for m in config.methods.values() for path in m.rewards]
+    for key, path in (("reference", config.reference), ("proxy", config.proxy), *rewards):
         if not path.is_dir() or read_stage_marker(path) is None:
             problems.append(f"{config.path}: {key}: {path} is not a complete stage output (no "
                             f"rlhf_stage.json there); run the stage that writes it first")

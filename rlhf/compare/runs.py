@@ -120,9 +120,16 @@ def input_stamps(config: CompareConfig) -> dict[str, int | None]:
     return {"reference": output_stamp(config.reference, True), "proxy": output_stamp(config.proxy, True)}
 
 
+def train_inputs(config: CompareConfig, method: Method) -> dict[str, int | None]:
+    """:func:`input_stamps` plus the stamps of the method's own reward models."""
+    stamps = input_stamps(config)
+    stamps.update({f"reward {path}": output_stamp(path, True) for path in method.rewards})
+    return stamps
+
+
 def train_fingerprint(config: CompareConfig, method: Method, seed: int) -> dict[str, Any]:
     stage = fit_stage(config, method, seed)
-    return fingerprint(stage.command, stage.configs, input_stamps(config))
+    return fingerprint(stage.command, stage.configs, train_inputs(config, method))
 
 
 def eval_stage(config: CompareConfig, method: Method, seed: int) -> tuple[Stage, dict[str, Any]]:
@@ -174,7 +181,7 @@ def plan_run(config: CompareConfig, method: Method, seed: int) -> list[Action]:
     trains = False
     if method.kind == "fit":
         stage = fit_stage(config, method, seed)
-        current = fingerprint(stage.command, stage.configs, input_stamps(config))
+        current = train_fingerprint(config, method, seed)
         why = stale_reason(stage, [], current)
         trains = why is not None
         action = "skip" if not trains else "resume" if resumable(stage, current) else "run"
@@ -273,7 +280,7 @@ def train(config: CompareConfig, method: Method, seed: int, python: str,
     """Train ``method`` at ``seed`` unless complete; ``(status, seconds, exit code when a
     signal stopped it)``."""
     stage = fit_stage(config, method, seed)
-    current = fingerprint(stage.command, stage.configs, input_stamps(config))
+    current = train_fingerprint(config, method, seed)
     why = stale_reason(stage, [], current)
     if why is None:
         say(f"{stage.name} train: complete, skipped")
