@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from rlhf.data.collate import pad_sequences
@@ -203,6 +204,15 @@ def accuracy_summary(chosen: torch.Tensor, rejected: torch.Tensor) -> dict[str, 
     }
 
 
+def score_length_correlation(scores: torch.Tensor, lengths: Sequence[int]) -> float:
+    """Pearson correlation of the scores ``[N]`` with the reply lengths ``[N]`` the model saw
+    (NaN when either is constant): how much of the score is length."""
+    x, y = scores.double().cpu().numpy(), np.asarray(lengths, dtype=np.float64)
+    if len(x) < 2 or x.std() == 0 or y.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(x, y)[0, 1])
+
+
 def ensemble_accuracies(scores: torch.Tensor, n: int, names: Sequence[str], penalty: float) -> dict[str, Any]:
     """Each member's accuracy and the ensemble's under every objective.
 
@@ -307,6 +317,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     n = len(pairs)
     summary.update(length_rule_accuracy(written[:n], written[n:]))
     summary.update({f"scored_{k}": v for k, v in length_rule_accuracy(scored[:n], scored[n:]).items()})
+    summary["score_length_corr"] = score_length_correlation(scores, scored)
     summary["split"] = args.split
 
     if args.out:
@@ -333,7 +344,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     print(
         f'"the longer reply wins" on the same pairs: {summary["length_rule_accuracy"]:.4f} '
         f'(±{1.96 * summary["length_rule_accuracy_se"]:.4f}; replies as written), '
-        f'{summary["scored_length_rule_accuracy"]:.4f} (as the RM saw them, truncated to --max-length)'
+        f'{summary["scored_length_rule_accuracy"]:.4f} (as the RM saw them, truncated to --max-length); '
+        f'correlation of the score with the scored reply length {summary["score_length_corr"]:+.3f}'
     )
     print(json.dumps(summary))
     return summary

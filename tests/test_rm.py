@@ -360,3 +360,11 @@ def test_response_lengths_as_written_and_as_scored(tiny_model_dir):
     assert written == [len(fmt.response_ids(as_conversation(p), r)) for p, r in zip(prompts, responses)]
     prompt_len = len(fmt.prompt_ids(as_conversation(prompts[1])))
     assert scored[0] == written[0] and written[1] > 24 - prompt_len == scored[1]
+
+
+def test_score_length_correlation():
+    from rlhf.score import score_length_correlation
+
+    assert score_length_correlation(torch.tensor([1.0, 2.0, 3.0]), [10, 20, 30]) == pytest.approx(1.0)
+    assert score_length_correlation(torch.tensor([3.0, 2.0, 1.0]), [10, 20, 30]) == pytest.approx(-1.0)
+    assert math.isnan(score_length_correlation(torch.tensor([1.0, 1.0, 1.0]), [10, 20, 30]))
