@@ -3,8 +3,8 @@ machine it ran on, and the tables of its results.
 
 A benchmark defines what it measures: a spec (a :class:`WorkerSpec` dataclass) and a function
 ``measure(spec) -> dict`` in an importable module. :func:`run_worker` runs that function in
-``python -m benchmarks.harness SPEC.json RESULT.json``, so the worker's peak RSS
-(``ru_maxrss``) is its own, and returns the JSON result.
+``python -m benchmarks.harness SPEC.json RESULT.json``, so the worker's peak RSS (its
+``VmHWM``: :func:`peak_rss_bytes`) is its own, and returns the JSON result.
 
 Only the standard library is imported at the top: an import-only baseline worker measures what
 its trainer imports, not what this module does.
@@ -44,7 +44,19 @@ class WorkerSpec:
 
 # -- measuring inside a worker -------------------------------------------------------------------
 def peak_rss_bytes() -> int:
-    """This process's peak resident set size so far (Linux reports ``ru_maxrss`` in KiB)."""
+    """This process's peak resident set size so far: ``VmHWM`` on Linux, else ``ru_maxrss``.
+
+    Not ``ru_maxrss`` on Linux: the kernel carries it across fork and exec, so a worker's
+    would start at its parent's RSS at the fork (the benchmark driver's, which holds the
+    assets it built) and hide any smaller peak of the worker's own. ``VmHWM`` belongs to the
+    worker's own address space, which exec creates new.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     scale = 1 if sys.platform == "darwin" else 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 

@@ -51,6 +51,18 @@ def test_run_worker_measures_in_a_fresh_process_and_shows_a_failure_log(tmp_path
         run_worker(echo, EchoSpec(message="fail"), tmp_path, "echo-fail")
 
 
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="VmHWM is Linux's")
+def test_a_workers_peak_rss_is_its_own_not_its_parents(tmp_path, monkeypatch):
+    """Linux carries ru_maxrss across fork and exec: a worker started by a parent holding
+    1.2 GiB would report at least that. Its VmHWM counts only its own pages."""
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).parent))
+    ballast = bytearray(1200 * 2**20)
+    ballast[::4096] = b"\x01" * len(ballast[::4096])  # touch every page: resident
+    result = run_worker(echo, EchoSpec(message="small"), tmp_path, "echo-small")
+    del ballast
+    assert result["peak_rss_bytes"] < 800 * 2**20, result["peak_rss_bytes"] / 2**20
+
+
 def test_after_warmup_drops_the_warmup_steps():
     assert after_warmup([9.0, 1.0, 2.0], 1) == [1.0, 2.0]
     assert after_warmup([9.0], 1, keep_all=True) == [9.0]
