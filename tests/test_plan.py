@@ -130,11 +130,13 @@ def test_kv_cache_with_grouped_query_attention():
     assert kv_cache_bytes(PRESETS["8b"], PlanSettings(prompt=512, response=512), 1) == 128 * 2**20
 
 
-def test_quantized_base_means_a_separate_reward_model():
+def test_a_quantized_base_shares_the_reward_adapter_and_separate_is_asked_for():
     shared = resident_terms(SMALL, PlanSettings(quant="none"), "ppo")[0]
     quantized = resident_terms(SMALL, PlanSettings(quant="4bit"), "ppo")[0]
+    separate = resident_terms(SMALL, PlanSettings(quant="4bit", reward="separate"), "ppo")[0]
     assert "reward model (separate)" not in shared
-    assert "reward model (separate)" in quantized
+    assert "reward model (separate)" not in quantized
+    assert "reward model (separate)" in separate
 
 
 def test_checkpointing_and_verdict():
@@ -251,7 +253,8 @@ def test_cli_prints_a_verdict_per_stage(tiny_model_dir, capsys):
 
 
 def test_cli_json_parses(capsys):
-    assert main(["--model", "70b", "--gpus", "8", "--strategy", "fsdp2", "--quant", "4bit", "--json"]) == 0
+    assert main(["--model", "70b", "--gpus", "8", "--strategy", "fsdp2", "--quant", "4bit", "--reward", "separate",
+                 "--json"]) == 0
     record = json.loads(capsys.readouterr().out)
     assert record["model"]["params"] == 70_553_706_496
     assert set(record["stages"]) == set(memory.STAGES)

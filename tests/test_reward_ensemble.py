@@ -195,3 +195,27 @@ def test_the_score_command_reports_members_and_the_ensemble(three_reward_adapter
     assert [m["accuracy"] for m in summary["members"].values()] == [a["accuracy"] for a in alone]
     assert summary["accuracy"] == summary["ensemble"]["mean"]["accuracy"]
     assert summary["n"] == 12
+
+
+def test_a_reward_adapter_shares_a_quantized_base(tiny_model_dir, three_reward_adapters):
+    """With a 4-bit base the RM adapter loads on the policy's quantized model (one base), not
+    as a second, unquantized model; its scores follow the RM's as trained up to quantization."""
+    pytest.importorskip("bitsandbytes")
+    settings = ModelSettings(str(tiny_model_dir), quantization="4bit", lora=LoraSettings(r=4, alpha=8))
+    try:
+        policy = apply_lora(load_causal_lm(settings), settings.lora, adapter_name="policy")
+    except Exception as err:  # noqa: BLE001 - report why the backend is unusable here
+        pytest.skip(f"bitsandbytes 4-bit does not work on this machine: {type(err).__name__}: {err}")
+    before = sum(p.numel() for p in policy.parameters())
+    adapter = sum(p.numel() for n, p in policy.named_parameters() if ".policy." in n)
+    scorer, _, _ = load_scorer(str(three_reward_adapters[0]), True, policy, settings,
+                               load_tokenizer(str(tiny_model_dir)))
+    assert isinstance(scorer, SharedBaseScorer)
+    assert sum(p.numel() for p in policy.parameters()) == before + adapter  # one reward adapter, no base
+    ids = torch.randint(5, 100, (6, 9))
+    mask = torch.ones_like(ids)
+    rm = load_reward_model(three_reward_adapters[0], dtype="float32", prefer_adapter=True)
+    with torch.no_grad():
+        quantized, exact = scorer(ids, mask), rm(ids, mask)
+    assert torch.isfinite(quantized).all()
+    assert float(torch.corrcoef(torch.stack([quantized, exact]))[0, 1]) > 0.9

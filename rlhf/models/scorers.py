@@ -90,9 +90,9 @@ def load_scorer(
     One directory: that RM and its recorded training mean and std. A list of several: an
     :class:`rlhf.models.ensemble.EnsembleScorer` that standardises each member itself and
     combines them with ``objective`` / ``penalty``; its mean and std are then 0 and 1.
-    Each RM shares the policy's base (``policy_model``, a peft model on ``base``) when it was
-    saved as a LoRA adapter on that same base and ``share_base`` is on; otherwise it loads as
-    its own model. Raises ``ValueError`` when an RM's tokenizer differs from ``tokenizer``.
+    Each RM shares the policy's base (``policy_model``, a peft model on ``base``, quantized or
+    not) when it was saved as a LoRA adapter on that same base and ``share_base`` is on;
+    otherwise it loads as its own model. Raises ``ValueError`` when an RM's tokenizer differs from ``tokenizer``.
     """
     dirs = [reward_dir] if isinstance(reward_dir, (str, os.PathLike)) else list(reward_dir)
     check_ensemble([str(d) for d in dirs], objective, penalty)
@@ -135,7 +135,6 @@ def _load_member(
         and info.get("adapter_dir")
         and info.get("base_model")
         and _same_model(info["base_model"], base.name_or_path)
-        and not base.quantization
     )
     device = next(policy_model.parameters()).device
     if share:
@@ -148,6 +147,10 @@ def _load_member(
         head = nn.Linear(head_state["weight"].shape[1], 1)
         head.load_state_dict(head_state)
         log.info("reward model %s shares the policy base (adapter %r)", path, adapter_name)
+        if base.quantization:  # one base instead of a second, unquantized and unsharded, model
+            log.info("the reward adapter runs on the %s base: its scores carry the base's quantization "
+                     "error (reward.share_base: false loads the RM as trained, as a separate model)",
+                     base.quantization)
         return SharedBaseScorer(policy_model, head.to(device), active, adapter_name), mean, std
     dtype = next(policy_model.parameters()).dtype
     model = load_reward_model(path, device=device, dtype=dtype)

@@ -262,9 +262,10 @@ def trainable_adapter_params(shape: ModelShape, s: PlanSettings, stage: str) -> 
 
 
 def reward_is_separate(stage: str, s: PlanSettings) -> bool:
-    """A sampling stage scores with its own reward model when asked, and always with a quantized
-    base (:func:`rlhf.models.scorers.load_scorer` shares only an unquantized base)."""
-    return stage in SAMPLING_STAGES and (s.reward == "separate" or s.quant != "none")
+    """A sampling stage scores with its own reward model when asked (``--reward separate``);
+    otherwise :func:`rlhf.models.scorers.load_scorer` loads the RM adapter on the policy's base,
+    quantized or not."""
+    return stage in SAMPLING_STAGES and s.reward == "separate"
 
 
 def resident_terms(shape: ModelShape, s: PlanSettings, stage: str) -> tuple[dict[str, int], list[str]]:
