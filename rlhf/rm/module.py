@@ -8,6 +8,7 @@ import math
 from typing import Any
 
 import torch
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from torchmetrics import CatMetric, MeanMetric
 
 from rlhf.distributed import shard_model
@@ -104,9 +105,7 @@ class RewardModule(StageModule):
         self.val_margin_values = CatMetric()
         self.val_score_values = CatMetric()
         self.val_accuracy_total = PairwiseAccuracy()  # ODIN: the two heads' sum
-        self.val_odin = {k: MeanMetric() for k in ODIN_STATS}
-        for k, metric in self.val_odin.items():
-            self.add_module(f"val_{k}", metric)
+        self.val_odin = torch.nn.ModuleDict({k: MeanMetric() for k in ODIN_STATS})
         self._histograms = False
 
     def configure_model(self) -> None:
@@ -115,6 +114,10 @@ class RewardModule(StageModule):
         backbone = self.load_base_model()
         # from_pretrained returns eval mode and Lightning keeps modules' modes; train mode is
         # needed for gradient checkpointing (dropout is 0 either way).
+        if self.length_head and isinstance(getattr(self._trainer, "strategy", None), (FSDPStrategy, ModelParallelStrategy)):
+            # The orthogonality term reads both heads' weights outside a forward: under FSDP
+            # they are shards there. Not supported yet rather than silently wrong.
+            raise ValueError("model.init_args.length_head (ODIN) does not run under FSDP yet; use DDP or one device")
         score_head, length_head = self._new_heads(backbone)
         self.model = RewardModel(backbone, score_head, length_head=length_head).train()
         shard_model(self, self.model, self.model)  # FSDP only
@@ -147,6 +150,9 @@ class RewardModule(StageModule):
         total = scores + length_scores
         c, r = batch["chosen_index"], batch["rejected_index"]
         loss, stats = bradley_terry_loss(total[c], total[r], margin, self.center_coef, total)
+        if "prompt_length" not in batch:
+            raise ValueError("ODIN (length_head) needs each row's prompt_length in the batch, as "
+                             "rlhf.data.ComparisonDataModule's collator gives it")
         lengths = mask.sum(dim=1) - batch["prompt_length"].to(mask.device)
         decorrelation, odin = length_decorrelation_loss(scores, length_scores, lengths)
         orthogonal = orthogonality_loss(self.model.score_head.weight, self.model.length_head.weight)
