@@ -55,6 +55,13 @@ def _is_peft(model: nn.Module) -> bool:
     return isinstance(model, PeftModel)
 
 
+def text_hidden_size(config: Any) -> int:
+    """The hidden size of a causal LM's config (its text config for a multimodal one): the
+    width a score head reads."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return int(text.hidden_size)
+
+
 class RewardModel(nn.Module):
     """Scalar reward ``r(prompt, response)`` from a causal LM.
 
@@ -133,9 +140,7 @@ class RewardModel(nn.Module):
 
     @property
     def hidden_size(self) -> int:
-        config = self.config
-        text = config.get_text_config() if hasattr(config, "get_text_config") else config
-        return int(text.hidden_size)
+        return text_hidden_size(self.config)
 
     # -- scoring ---------------------------------------------------------------------------
     def last_hidden_state(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,7 @@ from rlhf.outputs import atomic_directory, write_stage_marker
 from rlhf.rm.loss import bradley_terry_loss
 from rlhf.rm.odin import length_decorrelation_loss, orthogonality_loss
 from rlhf.rm.metrics import MeanMargin, PairwiseAccuracy, StdMetric
-from rlhf.models.reward import RewardModel
+from rlhf.models.reward import RewardModel, text_hidden_size
 from rlhf.stage import StageModule
 from rlhf.tracking import log_histograms, wandb_loggers
 
@@ -133,8 +133,7 @@ class RewardModule(StageModule):
         correlation with length to steer."""
         if not self.length_head:
             return None, None
-        config = backbone.config.get_text_config() if hasattr(backbone.config, "get_text_config") else backbone.config
-        hidden = int(config.hidden_size)
+        hidden = text_hidden_size(backbone.config)
         return torch.nn.Linear(hidden, 1), torch.nn.Linear(hidden, 1)
 
     def _pairs(self, batch: dict[str, torch.Tensor]):
