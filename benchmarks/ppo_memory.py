@@ -51,6 +51,7 @@ def separate_models_module() -> type:
     from rlhf.models.forward import disable_dropout, trunk_hidden
     from rlhf.models.loading import apply_lora, load_causal_lm
     from rlhf.models.logprobs import response_logprobs
+    from rlhf.models.reward import text_hidden_size
     from rlhf.ppo.module import POLICY, VALUE, PPOModule
 
     class SeparateModelsPPO(PPOModule):
@@ -66,7 +67,7 @@ def separate_models_module() -> type:
             self.reference_model = load_causal_lm(self.base).eval().requires_grad_(False)
             self.value_model = apply_lora(load_causal_lm(self.base), self.base.lora, adapter_name=VALUE)
             disable_dropout(self.value_model)
-            hidden = self.model.get_base_model().config.get_text_config().hidden_size
+            hidden = text_hidden_size(self.model.get_base_model().config)
             self.value_head = nn.Linear(hidden, 1)
             nn.init.zeros_(self.value_head.weight)
             nn.init.zeros_(self.value_head.bias)

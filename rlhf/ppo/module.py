@@ -35,6 +35,7 @@ from rlhf.models.forward import adapter_inputs_left_to_autocast, disable_dropout
 from rlhf.masks import masked_sum
 from rlhf.models.loading import ModelSettings, apply_lora, load_causal_lm
 from rlhf.models.logprobs import response_logprobs, sequence_logprobs
+from rlhf.models.reward import text_hidden_size
 from rlhf.models.value_branch import ValueBranch
 from rlhf.ppo.advantages import GROUPED, Estimator, compute_advantages
 from rlhf.ppo.critics import Critic, branch_inputs, check_critic
@@ -164,7 +165,7 @@ class PPOModule(StageModule):
         disable_dropout(model)
         self.model = model
         if self.uses_critic:
-            hidden = model.get_base_model().config.get_text_config().hidden_size
+            hidden = text_hidden_size(model.get_base_model().config)
             self.value_head = nn.Linear(hidden, 1)
             nn.init.zeros_(self.value_head.weight)
             nn.init.zeros_(self.value_head.bias)
