@@ -59,13 +59,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.dry_run:
         for action in plan(config, methods, seeds):
             print(action.line())
-        for problem in missing_inputs(config):
+        for problem in missing_inputs(config, methods):
             print(f"warning: {problem}")
         return 0
     from rlhf.compare.report import write_report
 
     if not args.report_only:
-        problems = missing_inputs(config)
+        problems = missing_inputs(config, methods)
         if problems:
             print("error: " + "\nerror: ".join(problems), file=sys.stderr)
             return 2

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -338,13 +339,15 @@ def load_config(path: str | os.PathLike) -> CompareConfig:
     )
 
 
-def missing_inputs(config: CompareConfig) -> list[str]:
+def missing_inputs(config: CompareConfig, methods: Sequence[str] | None = None) -> list[str]:
     """What must exist before anything runs, in words (empty when all is there): the
-    reference, the proxy and every method's ``rewards`` as complete stage outputs."""
+    reference, the proxy and the ``rewards`` of ``methods`` (``None``: every method's) as
+    complete stage outputs. A method that is not run needs nothing."""
     from rlhf.outputs import read_stage_marker
 
     problems = []
-    rewards = [(f"methods.{m.name}.rewards", path) for m in config.methods.values() for path in m.rewards]
+    chosen = [config.methods[name] for name in (config.methods if methods is None else methods)]
+    rewards = [(f"methods.{m.name}.rewards", path) for m in chosen for path in m.rewards]
     for key, path in (("reference", config.reference), ("proxy", config.proxy), *rewards):
         if not path.is_dir() or read_stage_marker(path) is None:
             problems.append(f"{config.path}: {key}: {path} is not a complete stage output (no "
