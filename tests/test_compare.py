@@ -241,8 +241,8 @@ def test_a_method_may_optimise_its_own_reward_models_which_must_exist_and_stamp_
         f"rlhf_stage.json there); run the stage that writes it first"]
     # a method that is not run needs nothing
     assert [p for p in missing_inputs(loaded, ["b"]) if "rewards" in p] == [
-        f"{tmp_path / 'compare.yaml'}: methods.b.rewards: {member} is not a complete stage output (no "
-        f"rlhf_stage.json there); run the stage that writes it first"]
+        (f"{tmp_path / 'compare.yaml'}: methods.b.rewards: {member} is not a complete stage output (no "
+         f"rlhf_stage.json there); run the stage that writes it first")]
     assert [p for p in missing_inputs(loaded, []) if "rewards" in p] == []
     before = train_fingerprint(loaded, loaded.methods["a"], 0)
     odin.mkdir()
