@@ -35,7 +35,7 @@ from rlhf.console import quiet_known_warnings
 from rlhf.data.datamodules import PromptDataModule
 from rlhf.data.records import Conversation
 from rlhf.generation import SamplingSettings
-from rlhf.gold import GOLD_FUNCTIONS, competition_ranks, gold_function
+from rlhf.gold import GOLD_FUNCTIONS, gold_ranking
 from rlhf.policies import (
     add_prompt_sampling_arguments,
     load_policy,
@@ -86,11 +86,10 @@ def ranking_row(
         "policy": policy,
     }
     if gold is not None:
-        scores = gold_function(gold)(completions)
-        ranks = competition_ranks(scores)
-        if len(set(ranks)) < 2:
+        ranked = gold_ranking(completions, gold)
+        if ranked is None:
             return None, "all_tied"
-        row.update(ranks=ranks, gold_scores=scores, gold=gold)
+        row.update(ranks=ranked[1], gold_scores=ranked[0], gold=gold)
     return row, None
 
 
@@ -122,8 +121,7 @@ def write_rankings(rows: Sequence[dict[str, Any]], out: str | Path) -> Path:
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "w") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)

@@ -9,11 +9,20 @@ real. ``python -m rlhf.gold plot RUN_DIR`` draws gold and proxy reward against s
 ``[-1, 1]``. Proportions do not grow with length (VADER's ``compound`` score does: it sums
 word valences before squashing), so a policy cannot raise the gold score by writing more,
 only by writing more positively.
+
+``vader_substantive``: the same positivity scaled by ``min(1, words / 12)``. VADER alone scores
+a one-word "Yes." at 1.0, above any helpful answer, and a policy that learns to stop answering
+wins under it; this "human" wants at least a sentence before warmth counts in full. Past 12
+words length earns nothing (most SFT replies on the gold task are 15-22 words).
+
+``python -m rlhf.gold relabel RANKINGS --gold NAME --out OUT`` re-ranks an exported ranking file
+under another gold function without sampling again.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 from collections.abc import Callable, Sequence
@@ -44,7 +53,17 @@ def vader_positivity(texts: Sequence[str]) -> list[float]:
     return scores
 
 
-GOLD_FUNCTIONS: dict[str, GoldFunction] = {"vader": vader_positivity}
+SUBSTANTIVE_MIN_WORDS = 12
+
+
+def substantive_positivity(texts: Sequence[str], min_words: int = SUBSTANTIVE_MIN_WORDS) -> list[float]:
+    """:func:`vader_positivity` times ``min(1, words / min_words)`` (words: whitespace-split)."""
+    if min_words < 1:
+        raise ValueError(f"min_words must be >= 1, got {min_words}")
+    return [s * min(1.0, len(t.split()) / min_words) for s, t in zip(vader_positivity(texts), texts)]
+
+
+GOLD_FUNCTIONS: dict[str, GoldFunction] = {"vader": vader_positivity, "vader_substantive": substantive_positivity}
 
 
 def gold_function(name: str) -> GoldFunction:
@@ -57,6 +76,39 @@ def gold_function(name: str) -> GoldFunction:
 def competition_ranks(scores: Sequence[float]) -> list[int]:
     """Ranks with 1 = best; equal scores share a rank (``[0.5, 0.9, 0.5] -> [2, 1, 2]``)."""
     return [1 + sum(other > s for other in scores) for s in scores]
+
+
+def gold_ranking(completions: Sequence[str], gold: str) -> tuple[list[float], list[int]] | None:
+    """Gold scores of ``completions`` and the ranks they imply, or ``None`` when all tie."""
+    scores = gold_function(gold)(completions)
+    ranks = competition_ranks(scores)
+    return None if len(set(ranks)) < 2 else (scores, ranks)
+
+
+def relabel_rankings(rankings: str | Path, gold: str) -> tuple[list[dict], int]:
+    """The rows of the ranking file ``rankings`` (as :mod:`rlhf.export` writes it) re-ranked by
+    the gold function ``gold``, and how many rows were dropped because all their completions
+    tie under it. Other fields (prompt, completions, policy) are kept as they are."""
+    gold_function(gold)  # an unknown name fails before reading
+    rows, tied = [], 0
+    with open(rankings) as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                completions = row["completions"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise ValueError(f"{rankings}:{line_no}: not a ranking row with 'completions' ({e})") from e
+            if not isinstance(completions, list) or not all(isinstance(c, str) for c in completions):
+                raise ValueError(f"{rankings}:{line_no}: 'completions' must be a list of strings")
+            ranked = gold_ranking(completions, gold)
+            if ranked is None:
+                tied += 1
+                continue
+            row.update(ranks=ranked[1], gold_scores=ranked[0], gold=gold)
+            rows.append(row)
+    return rows, tied
 
 
 # --------------------------------------------------------------------------- the figure
@@ -91,7 +143,7 @@ def plot_gold_vs_proxy(run_dir: str | Path, out: str | Path, smooth: int = 5) ->
     if not train["gold"]:
         raise ValueError(f"{run_dir}: no rows with kl/mean, reward/mean and gold/mean (was `gold` set?)")
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, key, label in ((axes[0], "proxy", "proxy RM score (raw)"), (axes[1], "gold", "gold score (VADER pos - neg)")):
+    for ax, key, label in ((axes[0], "proxy", "proxy RM score (raw)"), (axes[1], "gold", "gold score")):
         ax.plot(train["sqrt_kl"], train[key], ".", alpha=0.3, label="train rollouts")
         ax.plot(moving_average(train["sqrt_kl"], smooth), moving_average(train[key], smooth), "-",
                 label=f"moving avg ({smooth})")
@@ -119,9 +171,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     plot.add_argument("--smooth", type=int, default=5)
     score = sub.add_parser("score", help="print the gold score of each line of stdin")
     score.add_argument("--gold", default="vader", choices=sorted(GOLD_FUNCTIONS))
+    relabel = sub.add_parser("relabel", help="re-rank an exported ranking file under another gold function")
+    relabel.add_argument("rankings", help="JSONL from `python -m rlhf.export`")
+    relabel.add_argument("--gold", required=True, choices=sorted(GOLD_FUNCTIONS))
+    relabel.add_argument("--out", required=True, help="JSONL to write (renamed into place when complete)")
     args = p.parse_args(argv)
     if args.command == "plot":
         print(f"wrote {plot_gold_vs_proxy(args.run_dir, args.out, args.smooth)}")
+    elif args.command == "relabel":
+        from rlhf.export import write_rankings
+
+        rows, tied = relabel_rankings(args.rankings, args.gold)
+        if not rows:
+            raise SystemExit(f"{args.rankings}: every row ties under {args.gold!r}; nothing written")
+        write_rankings(rows, args.out)
+        print(f"wrote {len(rows)} rankings under {args.gold!r} to {args.out} (dropped {tied} all tied)")
     else:
         lines = [line.rstrip("\n") for line in sys.stdin]
         for line, s in zip(lines, gold_function(args.gold)(lines)):

@@ -540,3 +540,10 @@ def test_tiny_comparison_end_to_end_then_nothing_to_redo(tmp_path, tiny_quicksta
     again = subprocess.run(command, check=False, capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "[rlhf.pipeline]" not in again.stdout and again.stdout.count("complete, skipped") == 10
+
+
+@pytest.mark.parametrize("name", ["compare", "guards", "guards_substantive"])
+def test_the_shipped_gold_comparison_configs_load(name):
+    root = Path(__file__).resolve().parents[1]
+    config = load_config(root / "configs" / "gold" / f"{name}.yaml")
+    assert config.methods["sft"].kind == "reference" and len(config.seeds) >= 3

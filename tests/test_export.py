@@ -11,7 +11,12 @@ from rlhf.data.errors import DataError
 from rlhf.data.records import Ranking, Turn
 from rlhf.data.sources import DataSource, load_records
 from rlhf.export import ranking_row, write_rankings
-from rlhf.gold import competition_ranks, gold_function, gold_proxy_curve, vader_positivity
+from rlhf.gold import (
+    competition_ranks,
+    gold_function,
+    gold_proxy_curve,
+    vader_positivity,
+)
 
 PROMPT = (Turn("user", "How was the film?"),)
 
@@ -99,3 +104,43 @@ def test_gold_figure_from_a_csv_log(tmp_path):
     with pytest.raises(ValueError, match="gold/mean"):
         log.write_text("step,kl/mean\n0,1.0\n")
         plot_gold_vs_proxy(tmp_path / "run", tmp_path / "fig2.png")
+
+
+def test_substantive_gold_discounts_replies_under_twelve_words():
+    from rlhf.gold import substantive_positivity
+
+    reply = "Yes, that is a good idea and I think it would work well for you."  # 15 words
+    [yes, full] = substantive_positivity(["Yes.", reply])
+    [yes_vader, full_vader] = vader_positivity(["Yes.", reply])
+    assert yes_vader == 1.0 and yes == pytest.approx(1.0 / 12)
+    assert full == pytest.approx(full_vader) and full > yes
+    assert gold_function("vader_substantive") is substantive_positivity
+    with pytest.raises(ValueError, match="min_words"):
+        substantive_positivity(["x"], min_words=0)
+
+
+def test_relabel_reranks_under_another_gold_and_drops_ties(tmp_path, capsys):
+    from rlhf.gold import main as gold_main
+    from rlhf.gold import relabel_rankings
+
+    long_plain = "It depends on the recipe, but most people bake it for about forty minutes at medium heat."
+    rows = [
+        {"prompt": [{"role": "user", "content": "q"}], "completions": ["Yes.", long_plain + " Great!"],
+         "ranks": [1, 2], "gold_scores": [1.0, 0.2], "gold": "vader", "policy": "p"},
+        {"prompt": "q2", "completions": ["The oven.", "A pan."], "ranks": [1, 2], "policy": "p"},
+    ]
+    path = tmp_path / "labels.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    relabelled, tied = relabel_rankings(path, "vader_substantive")
+    assert tied == 1 and len(relabelled) == 1
+    assert relabelled[0]["ranks"] == [2, 1] and relabelled[0]["gold"] == "vader_substantive"
+    assert relabelled[0]["prompt"] == rows[0]["prompt"] and relabelled[0]["policy"] == "p"
+
+    out = tmp_path / "out" / "relabelled.jsonl"
+    assert gold_main(["relabel", str(path), "--gold", "vader_substantive", "--out", str(out)]) == 0
+    assert [json.loads(line) for line in out.read_text().splitlines()] == relabelled
+    assert "dropped 1 all tied" in capsys.readouterr().out
+
+    path.write_text(json.dumps(rows[0]) + "\n" + '{"prompt": "q"}\n')
+    with pytest.raises(ValueError, match=r"labels.jsonl:2: not a ranking row"):
+        relabel_rankings(path, "vader_substantive")
