@@ -45,6 +45,7 @@ from typing import Any
 import yaml
 
 from rlhf.console import quiet_known_warnings
+from rlhf.fit_config import FitConfigError, fit_setting
 from rlhf.outputs import read_stage_marker
 from rlhf.pipeline_state import (
     PipelineLockedError,
@@ -105,27 +106,17 @@ class StageResult:
     exit_code: int | None = None  # the pipeline's, when a signal stopped it here
 
 
-def _fit_output_dir(config: Path, where: str) -> Path:
+def _fit_output_dir(configs: Sequence[Path], args: Sequence[str], where: str) -> Path:
     try:
-        data = yaml.safe_load(config.read_text())
-    except FileNotFoundError:
-        raise PipelineConfigError(f"{where}: fit config {config} does not exist") from None
-    except yaml.YAMLError as e:
-        raise PipelineConfigError(f"{where}: {config} is not valid YAML: {e}") from None
-    output = (((data or {}).get("model") or {}).get("init_args") or {}).get("output_dir")
+        output = fit_setting(configs, args, "model.init_args.output_dir")
+    except FitConfigError as e:
+        raise PipelineConfigError(f"{where}: {e}") from None
     if not output:
         raise PipelineConfigError(
-            f"{where}: {config} sets no model.init_args.output_dir, so the pipeline cannot tell "
-            f"when the stage is complete"
+            f"{where}: {', '.join(map(str, configs))} set no model.init_args.output_dir, so the "
+            f"pipeline cannot tell when the stage is complete"
         )
     return Path(output)
-
-
-def _override_output_dir(args: Sequence[str]) -> str | None:
-    for arg in args:
-        if arg.startswith("--model.init_args.output_dir="):
-            return arg.split("=", 1)[1]
-    return None
 
 
 def load_pipeline(path: str | os.PathLike) -> list[Stage]:
@@ -161,8 +152,8 @@ def load_pipeline(path: str | os.PathLike) -> list[Stage]:
             for config in configs:
                 command += ["--config", str(config)]
             command += extra
-            output = entry.get("output") or _override_output_dir(extra)
-            output = Path(output) if output else _fit_output_dir(Path(configs[-1]), where)
+            output = entry.get("output")
+            output = Path(output) if output else _fit_output_dir([Path(c) for c in configs], extra, where)
             stages.append(Stage(entry["name"], command, output, "fit", tuple(Path(c) for c in configs)))
         else:
             run = entry["run"]

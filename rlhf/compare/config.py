@@ -33,6 +33,9 @@ from typing import Any
 
 import yaml
 
+from rlhf import fit_config
+from rlhf.fit_config import FitConfigError
+
 TOP_KEYS = ("out", "seeds", "reference", "proxy", "gold", "eval", "methods")
 METHOD_KEYS = ("fit", "args", "snapshot_every", "budget", "best_of_n", "reference", "rewards")
 METHOD_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -242,28 +245,10 @@ def _same_path(a: str | os.PathLike, b: str | os.PathLike) -> bool:
 def fit_setting(method: Method, dotted: str) -> Any:
     """The value of ``dotted`` (``model.init_args.output_dir``) for a ``fit`` method: its last
     ``--dotted`` argument, else its config file's value, else ``None``."""
-    value: Any = None
-    for i, arg in enumerate(method.args):
-        if arg == f"--{dotted}" and i + 1 < len(method.args):
-            value = method.args[i + 1]
-        elif arg.startswith(f"--{dotted}="):
-            value = arg.split("=", 1)[1]
-    if isinstance(value, str) and value.startswith("["):  # a list on the command line, e.g. [a, b]
-        try:
-            value = yaml.safe_load(value)
-        except yaml.YAMLError as e:
-            raise CompareConfigError(f"{method.name}: --{dotted}={value}: not a valid list: {e}") from None
-    if value is not None:
-        return value
     try:
-        node: Any = yaml.safe_load(method.fit.read_text())  # type: ignore[union-attr]
-    except yaml.YAMLError as e:
-        raise CompareConfigError(f"{method.fit}: not valid YAML: {e}") from None
-    for part in dotted.split("."):
-        if not isinstance(node, dict):
-            return None
-        node = node.get(part)
-    return node
+        return fit_config.fit_setting([method.fit], method.args, dotted)  # type: ignore[list-item]
+    except FitConfigError as e:
+        raise CompareConfigError(f"{method.name}: {e}") from None
 
 
 def check_fit_inputs(method: Method, reference: Path, proxy: Path, where: str) -> None:
