@@ -20,9 +20,7 @@ skipped and counted. The file is written under a temporary name and renamed when
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -36,6 +34,7 @@ from rlhf.data.datamodules import PromptDataModule
 from rlhf.data.records import Conversation
 from rlhf.generation import SamplingSettings
 from rlhf.gold import GOLD_FUNCTIONS, gold_ranking
+from rlhf.outputs import write_jsonl
 from rlhf.policies import (
     add_prompt_sampling_arguments,
     load_policy,
@@ -116,16 +115,7 @@ def sample_k(
 
 def write_rankings(rows: Sequence[dict[str, Any]], out: str | Path) -> Path:
     """Write ``rows`` as JSONL to ``out`` via a temporary file renamed into place."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w") as f:
-            f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return out
+    return write_jsonl(rows, out)
 
 
 def export_rankings(

@@ -179,12 +179,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "plot":
         print(f"wrote {plot_gold_vs_proxy(args.run_dir, args.out, args.smooth)}")
     elif args.command == "relabel":
-        from rlhf.export import write_rankings
+        from rlhf.outputs import write_jsonl
 
         rows, tied = relabel_rankings(args.rankings, args.gold)
         if not rows:
             raise SystemExit(f"{args.rankings}: every row ties under {args.gold!r}; nothing written")
-        write_rankings(rows, args.out)
+        write_jsonl(rows, args.out)
         print(f"wrote {len(rows)} rankings under {args.gold!r} to {args.out} (dropped {tied} all tied)")
     else:
         lines = [line.rstrip("\n") for line in sys.stdin]

@@ -20,7 +20,7 @@ import logging
 import os
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -150,6 +150,15 @@ def atomic_file(final: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def write_jsonl(rows: Iterable[dict[str, Any]], out: str | os.PathLike) -> Path:
+    """Write ``rows`` as JSON lines to ``out`` through :func:`atomic_file`: a reader never sees a
+    half-written file, and an interrupted write leaves the old one."""
+    out = Path(out)
+    with atomic_file(out) as tmp, open(tmp, "w") as f:
+        f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    return out
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
