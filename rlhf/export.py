@@ -88,7 +88,8 @@ def ranking_row(
         ranked = gold_ranking(completions, gold)
         if ranked is None:
             return None, "all_tied"
-        row.update(ranks=ranked[1], gold_scores=ranked[0], gold=gold)
+        scores, ranks = ranked
+        row.update(ranks=ranks, gold_scores=scores, gold=gold)
     return row, None
 
 

@@ -22,7 +22,6 @@ under another gold function without sampling again.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from collections.abc import Callable, Sequence
@@ -86,28 +85,25 @@ def gold_ranking(completions: Sequence[str], gold: str) -> tuple[list[float], li
 
 
 def relabel_rankings(rankings: str | Path, gold: str) -> tuple[list[dict], int]:
-    """The rows of the ranking file ``rankings`` (as :mod:`rlhf.export` writes it) re-ranked by
-    the gold function ``gold``, and how many rows were dropped because all their completions
-    tie under it. Other fields (prompt, completions, policy) are kept as they are."""
+    """The rows of the ranking file ``rankings`` (JSONL, as :mod:`rlhf.export` writes it)
+    re-ranked by the gold function ``gold``, and how many rows were dropped because all their
+    completions tie under it. Other fields (prompt, completions, policy) are kept as they are.
+    A bad row raises :class:`rlhf.data.DataError` naming the file and line."""
+    from rlhf.data import DataError, DataSource, iter_rows
+
     gold_function(gold)  # an unknown name fails before reading
     rows, tied = [], 0
-    with open(rankings) as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                completions = row["completions"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise ValueError(f"{rankings}:{line_no}: not a ranking row with 'completions' ({e})") from e
-            if not isinstance(completions, list) or not all(isinstance(c, str) for c in completions):
-                raise ValueError(f"{rankings}:{line_no}: 'completions' must be a list of strings")
-            ranked = gold_ranking(completions, gold)
-            if ranked is None:
-                tied += 1
-                continue
-            row.update(ranks=ranked[1], gold_scores=ranked[0], gold=gold)
-            rows.append(row)
+    for line, row in iter_rows(DataSource(path=str(rankings), format="jsonl")):
+        completions = row.get("completions")
+        if not isinstance(completions, list) or not all(isinstance(c, str) for c in completions):
+            raise DataError(str(rankings), line, "completions", "expected a list of strings (a ranking row)")
+        ranked = gold_ranking(completions, gold)
+        if ranked is None:
+            tied += 1
+            continue
+        scores, ranks = ranked
+        row.update(ranks=ranks, gold_scores=scores, gold=gold)
+        rows.append(row)
     return rows, tied
 
 

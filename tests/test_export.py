@@ -142,5 +142,5 @@ def test_relabel_reranks_under_another_gold_and_drops_ties(tmp_path, capsys):
     assert "dropped 1 all tied" in capsys.readouterr().out
 
     path.write_text(json.dumps(rows[0]) + "\n" + '{"prompt": "q"}\n')
-    with pytest.raises(ValueError, match=r"labels.jsonl:2: not a ranking row"):
+    with pytest.raises(DataError, match=r"labels\.jsonl: line 2: field 'completions': expected a list of strings"):
         relabel_rankings(path, "vader_substantive")
