@@ -121,3 +121,28 @@ def test_an_odin_rm_saves_its_length_head_and_scores_with_the_quality_head(odin_
 def test_bad_odin_weights_are_refused(tiny_model_dir, bad):
     with pytest.raises(ValueError, match="must be a finite number >= 0"):
         RewardModule(ModelSettings(str(tiny_model_dir)), length_head=True, **bad)
+
+
+def test_head_init_std_draws_both_heads_small_with_zero_bias(tiny_model_dir):
+    torch.manual_seed(0)
+    module = RewardModule(ModelSettings(str(tiny_model_dir)), length_head=True, head_init_std=1e-3)
+    module.configure_model()
+    default = RewardModule(ModelSettings(str(tiny_model_dir)), length_head=True)
+    default.configure_model()
+    for head in (module.model.score_head, module.model.length_head):
+        assert float(head.weight.std()) == pytest.approx(1e-3, rel=0.5)
+        assert float(head.bias.abs().max()) == 0.0
+    hidden = module.model.score_head.in_features
+    # nn.Linear's default: uniform in +-1/sqrt(hidden), std 1/sqrt(3 * hidden)
+    assert float(default.model.score_head.weight.std()) == pytest.approx((3 * hidden) ** -0.5, rel=0.5)
+
+
+@pytest.mark.parametrize("bad", [0.0, -1e-3, float("inf")])
+def test_bad_head_init_std_is_refused(tiny_model_dir, bad):
+    with pytest.raises(ValueError, match="head_init_std must be a finite number > 0"):
+        RewardModule(ModelSettings(str(tiny_model_dir)), length_head=True, head_init_std=bad)
+
+
+def test_head_init_std_without_a_length_head_is_refused(tiny_model_dir):
+    with pytest.raises(ValueError, match="applies to ODIN's two heads only"):
+        RewardModule(ModelSettings(str(tiny_model_dir)), head_init_std=1e-3)

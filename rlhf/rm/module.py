@@ -58,6 +58,9 @@ class RewardModule(StageModule):
             ``*/accuracy_total`` (the sum's), ``*/quality_length_corr``, ``*/length_head_corr``
             (``*/loss`` then includes the length terms, so it can be negative).
         length_coef, orthogonal_coef: the weights of those two terms.
+        head_init_std: with ``length_head``, draw both heads' weights from N(0, std^2) and zero
+            their biases; ``None`` keeps ``nn.Linear``'s default (uniform in +-1/sqrt(hidden)),
+            whose scores start with a spread wider than a trained plain RM's.
         stats_max_rows: training sequences used for the saved score mean/std (``None``: all).
         **kwargs: optimizer and output settings of :class:`rlhf.stage.StageModule`.
     """
@@ -77,6 +80,7 @@ class RewardModule(StageModule):
         length_head: bool = False,
         length_coef: float = 1.0,
         orthogonal_coef: float = 1.0,
+        head_init_std: float | None = None,
         stats_max_rows: int | None = 2000,
     ) -> None:
         super().__init__(base, lr, weight_decay, warmup_steps, adam_eps, output_dir)
@@ -84,6 +88,11 @@ class RewardModule(StageModule):
                             ("orthogonal_coef", orthogonal_coef)):
             if not (value >= 0 and math.isfinite(value)):
                 raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+        if head_init_std is not None and not (head_init_std > 0 and math.isfinite(head_init_std)):
+            raise ValueError(f"head_init_std must be a finite number > 0 or None, got {head_init_std}")
+        if head_init_std is not None and not length_head:
+            raise ValueError("head_init_std applies to ODIN's two heads only: set length_head: true "
+                             "(the plain RM's head starts at zero)")
         if stats_max_rows is not None and stats_max_rows < 2:
             raise ValueError(f"stats_max_rows must be >= 2 or None, got {stats_max_rows}")
         self.save_hyperparameters()
@@ -92,6 +101,7 @@ class RewardModule(StageModule):
         self.length_head = length_head
         self.length_coef = length_coef
         self.orthogonal_coef = orthogonal_coef
+        self.head_init_std = head_init_std
         self.stats_max_rows = stats_max_rows
         self.model: RewardModel | None = None
         self.train_accuracy = PairwiseAccuracy()
@@ -129,12 +139,17 @@ class RewardModule(StageModule):
 
     def _new_heads(self, backbone: torch.nn.Module) -> tuple[torch.nn.Linear | None, torch.nn.Linear | None]:
         """``(score head, length head)``: ``(None, None)`` (the RM's zero-initialised head)
-        without ODIN; with it, two small random heads, since a constant head has no
-        correlation with length to steer."""
+        without ODIN; with it, two random heads (``head_init_std``), since a constant head has
+        no correlation with length to steer."""
         if not self.length_head:
             return None, None
         hidden = text_hidden_size(backbone.config)
-        return torch.nn.Linear(hidden, 1), torch.nn.Linear(hidden, 1)
+        heads = torch.nn.Linear(hidden, 1), torch.nn.Linear(hidden, 1)
+        if self.head_init_std is not None:
+            for head in heads:
+                torch.nn.init.normal_(head.weight, std=self.head_init_std)
+                torch.nn.init.zeros_(head.bias)
+        return heads
 
     def _pairs(self, batch: dict[str, torch.Tensor]):
         ids, mask = batch["input_ids"], batch["attention_mask"]
