@@ -88,8 +88,7 @@ def ranking_row(
         ranked = gold_ranking(completions, gold)
         if ranked is None:
             return None, "all_tied"
-        scores, ranks = ranked
-        row.update(ranks=ranks, gold_scores=scores, gold=gold)
+        row.update(ranked)
     return row, None
 
 

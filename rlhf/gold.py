@@ -27,6 +27,7 @@ import sys
 from collections.abc import Callable, Sequence
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 from rlhf.plot import find_metrics_csv, moving_average, read_metrics
 
@@ -77,11 +78,12 @@ def competition_ranks(scores: Sequence[float]) -> list[int]:
     return [1 + sum(other > s for other in scores) for s in scores]
 
 
-def gold_ranking(completions: Sequence[str], gold: str) -> tuple[list[float], list[int]] | None:
-    """Gold scores of ``completions`` and the ranks they imply, or ``None`` when all tie."""
+def gold_ranking(completions: Sequence[str], gold: str) -> dict[str, Any] | None:
+    """The gold fields of a ranking row for ``completions``: ``ranks`` (1 = best),
+    ``gold_scores`` and ``gold`` (the function's name); ``None`` when all completions tie."""
     scores = gold_function(gold)(completions)
     ranks = competition_ranks(scores)
-    return None if len(set(ranks)) < 2 else (scores, ranks)
+    return None if len(set(ranks)) < 2 else {"ranks": ranks, "gold_scores": scores, "gold": gold}
 
 
 def relabel_rankings(rankings: str | Path, gold: str) -> tuple[list[dict], int]:
@@ -101,9 +103,7 @@ def relabel_rankings(rankings: str | Path, gold: str) -> tuple[list[dict], int]:
         if ranked is None:
             tied += 1
             continue
-        scores, ranks = ranked
-        row.update(ranks=ranks, gold_scores=scores, gold=gold)
-        rows.append(row)
+        rows.append(row | ranked)
     return rows, tied
 
 
