@@ -542,7 +542,7 @@ def test_tiny_comparison_end_to_end_then_nothing_to_redo(tmp_path, tiny_quicksta
     assert "[rlhf.pipeline]" not in again.stdout and again.stdout.count("complete, skipped") == 10
 
 
-@pytest.mark.parametrize("name", ["compare", "guards", "guards_substantive", "guards_nokl"])
+@pytest.mark.parametrize("name", ["compare", "guards", "guards_substantive", "guards_pressure"])
 def test_the_shipped_gold_comparison_configs_load(name):
     root = Path(__file__).resolve().parents[1]
     config = load_config(root / "configs" / "gold" / f"{name}.yaml")
