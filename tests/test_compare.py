@@ -17,7 +17,7 @@ import pytest
 import torch
 import yaml
 
-from rlhf.compare.config import CompareConfigError, load_config, missing_inputs, select
+from rlhf.compare.config import CompareConfigError, fit_setting, load_config, missing_inputs, select
 from rlhf.compare.report import build_report, write_report
 from rlhf.compare.runs import (
     RunPaths,
@@ -215,6 +215,10 @@ def write_config(path: Path, config: dict) -> Path:
     (lambda c: c["methods"]["b"].update(args=["--model.init_args.reward.model=[other, more]"], rewards=["other"]),
      r"methods\.b: .*sets model\.init_args\.reward\.model=\['other', 'more'\], not its rewards \['other'\]"),
     (lambda c: c["methods"]["bon2"].update(rewards=["other"]), r"methods\.bon2: \['rewards'\] only apply"),
+    (lambda c: c.update(fit_args="--model.init_args.lr=0.1"), r"fit_args: expected a list of strings"),
+    (lambda c: c.update(fit_args=["--ckpt_path=last"]), r"fit_args: --ckpt_path is set by the comparison"),
+    (lambda c: c.update(fit_args=["--model.init_args.reward.model=other"]),
+     r"methods\.a: .*sets model\.init_args\.reward\.model='other', not the proxy"),
 ])
 def test_bad_configs_name_the_file_the_key_and_the_problem(tmp_path, change, message):
     config = compare_config(tmp_path, write_inputs(tmp_path))
@@ -223,6 +227,19 @@ def test_bad_configs_name_the_file_the_key_and_the_problem(tmp_path, change, mes
     with pytest.raises(CompareConfigError, match=message) as err:
         load_config(path)
     assert str(path) in str(err.value)
+
+
+def test_fit_args_go_to_every_trained_method_before_its_own(tmp_path):
+    config = compare_config(tmp_path, write_inputs(tmp_path),
+                            fit_args=["--model.init_args.iterations=60", "--model.init_args.lr=0.5"])
+    loaded = load_config(write_config(tmp_path / "compare.yaml", config))
+    assert loaded.methods["a"].args == ("--model.init_args.iterations=60", "--model.init_args.lr=0.5")
+    assert loaded.methods["b"].args == ("--model.init_args.iterations=60", "--model.init_args.lr=0.5",
+                                        "--model.init_args.lr=0.1")
+    assert loaded.methods["sft"].args == () and loaded.methods["bon2"].args == ()
+    # the method's own args come last, so they win over a shared one
+    assert fit_setting(loaded.methods["a"], "model.init_args.lr") == "0.5"
+    assert fit_setting(loaded.methods["b"], "model.init_args.lr") == "0.1"
 
 
 def test_a_method_may_optimise_its_own_reward_models_which_must_exist_and_stamp_its_runs(tmp_path):

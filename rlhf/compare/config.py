@@ -5,6 +5,7 @@
     reference: outputs/quickstart/sft       # the SFT policy: every method's start, the KL reference
     proxy: outputs/gold/rm                  # the proxy reward model
     gold: vader                             # the gold function (rlhf.gold.GOLD_FUNCTIONS)
+    fit_args: [--trainer.limit_val_batches=0]   # optional: given to every 'fit' method, before its args
     eval: {data: [...], schema: hh_rlhf, split: val, ...}    # see EvalSettings
     methods:
       sft: {reference: true}                # the SFT policy itself, sampled
@@ -37,6 +38,7 @@ from rlhf import fit_config
 from rlhf.fit_config import FitConfigError
 
 TOP_KEYS = ("out", "seeds", "reference", "proxy", "gold", "eval", "methods")
+OPTIONAL_TOP_KEYS = ("fit_args",)
 METHOD_KEYS = ("fit", "args", "snapshot_every", "budget", "best_of_n", "reference", "rewards")
 METHOD_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 # Arguments the comparison sets for each run itself: a method may not set them.
@@ -95,7 +97,8 @@ class Method:
         name: its key under ``methods`` (a directory name).
         kind: ``fit`` (a training run), ``best_of_n`` (``n`` SFT samples, best by the proxy)
             or ``reference`` (the SFT policy itself).
-        fit: the ``rlhf.fit`` config (``fit`` only); args: extra arguments to it.
+        fit: the ``rlhf.fit`` config (``fit`` only); args: extra arguments to it (the config's
+            ``fit_args`` first, then the method's own).
         n: ``best_of_n`` only.
         snapshot_every: ``fit`` only: also evaluate the policy every this many training steps
             (``None``: only the final policy).
@@ -190,8 +193,22 @@ def parse_eval(data: Any, where: str) -> EvalSettings:
     return settings
 
 
-def parse_method(name: Any, data: Any, where: str) -> Method:
-    """One ``methods`` entry; a ``fit`` config must exist."""
+def parse_args(value: Any, where: str) -> tuple[str, ...]:
+    """A list of ``rlhf.fit`` arguments, none of them one the comparison sets per run."""
+    value = value or []
+    if not isinstance(value, list) or not all(isinstance(a, (str, int, float)) for a in value):
+        raise CompareConfigError(f"{where}: expected a list of strings, got {value!r}")
+    args = tuple(str(a) for a in value)
+    for arg in args:
+        if arg.split("=", 1)[0] in RESERVED_ARGS or arg.startswith("--trainer.logger"):
+            raise CompareConfigError(f"{where}: {arg.split('=', 1)[0]} is set by the comparison for each "
+                                     f"run (seed, output and log directories); remove it")
+    return args
+
+
+def parse_method(name: Any, data: Any, where: str, shared_args: tuple[str, ...] = ()) -> Method:
+    """One ``methods`` entry; a ``fit`` config must exist. A ``fit`` method's args are
+    ``shared_args`` (the config's ``fit_args``) followed by its own."""
     if not isinstance(name, str) or not METHOD_NAME.match(name):
         raise CompareConfigError(f"{where}: method name {name!r} must be letters, digits, '_', '.' or '-' "
                                  f"(it names a directory)")
@@ -222,14 +239,7 @@ def parse_method(name: Any, data: Any, where: str) -> Method:
     fit = Path(_str(data["fit"], f"{where}.fit"))
     if not fit.is_file():
         raise CompareConfigError(f"{where}.fit: config file {fit} does not exist")
-    args = data.get("args") or []
-    if not isinstance(args, list) or not all(isinstance(a, (str, int, float)) for a in args):
-        raise CompareConfigError(f"{where}.args: expected a list of strings, got {args!r}")
-    args = tuple(str(a) for a in args)
-    for arg in args:
-        if arg.split("=", 1)[0] in RESERVED_ARGS or arg.startswith("--trainer.logger"):
-            raise CompareConfigError(f"{where}.args: {arg.split('=', 1)[0]} is set by the comparison for each "
-                                     f"run (seed, output and log directories); remove it")
+    args = shared_args + parse_args(data.get("args"), f"{where}.args")
     every = data.get("snapshot_every")
     every = None if every is None else _int(every, f"{where}.snapshot_every", 1)
     rewards = data.get("rewards") or []
@@ -286,9 +296,10 @@ def load_config(path: str | os.PathLike) -> CompareConfig:
         raise CompareConfigError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(data, dict):
         raise CompareConfigError(f"{path}: expected a mapping with keys {list(TOP_KEYS)}")
-    unknown = sorted(set(data) - set(TOP_KEYS))
+    unknown = sorted(set(data) - set(TOP_KEYS) - set(OPTIONAL_TOP_KEYS))
     if unknown:
-        raise CompareConfigError(f"{path}: unknown top-level key(s) {unknown}; expected {list(TOP_KEYS)}")
+        raise CompareConfigError(f"{path}: unknown top-level key(s) {unknown}; expected {list(TOP_KEYS)} "
+                                 f"and optionally {list(OPTIONAL_TOP_KEYS)}")
     missing = [k for k in TOP_KEYS if k not in data]
     if missing:
         raise CompareConfigError(f"{path}: missing key(s) {missing}")
@@ -306,9 +317,10 @@ def load_config(path: str | os.PathLike) -> CompareConfig:
         raise CompareConfigError(f"{path}: methods: expected a non-empty mapping of name -> method")
     reference = Path(_str(data["reference"], f"{path}: reference"))
     proxy = Path(_str(data["proxy"], f"{path}: proxy"))
+    shared_args = parse_args(data.get("fit_args"), f"{path}: fit_args")
     methods = {}
     for name, entry in methods_data.items():
-        method = parse_method(name, entry, f"{path}: methods")
+        method = parse_method(name, entry, f"{path}: methods", shared_args)
         if method.kind == "fit":
             check_fit_inputs(method, reference, proxy, f"{path}: methods.{name}")
         methods[name] = method
